@@ -1,0 +1,154 @@
+"""Composites: which rule explains which layer, as named presets plus per-type and per-name maps."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from .rules import AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, ZBox, ZPlus, make_rule
+
+LAYER_TYPES = ("conv", "depthwise", "linear", "batchnorm")
+
+
+@dataclass(frozen=True)
+class Composite:
+    """A complete assignment of rules.
+
+    Lookup order for a weighted layer: the first ``name_map`` pattern (``fnmatch`` on the module path,
+    e.g. ``"features.*"``) that matches, then ``first`` for layers fed by the model input, then
+    ``layer_map`` by type (``depthwise`` falls back to ``conv``). ``start`` is the relevance the
+    explanation starts from when no target is given: ``"predicted"`` (one-hot on the top class) or
+    ``"softmax"`` (the seed's unsupervised start over all classes). ``maxpool`` is ``"winner"``
+    (winner-take-all) or ``"average"`` (as the average pool of the same window, like the seed).
+    """
+
+    name: str = "custom"
+    layer_map: Mapping[str, Rule] = field(default_factory=dict)
+    first: Rule | None = None
+    name_map: tuple[tuple[str, Rule], ...] = ()
+    maxpool: Literal["winner", "average"] = "winner"
+    start: Literal["predicted", "softmax"] = "predicted"
+    stabilizer: float = 1e-6
+
+    def rule_for(self, path: str, layer_type: str, first: bool) -> Rule:
+        """The rule for one layer (``path`` may join a conv and its folded batch norm with '+')."""
+        names = path.split("+")
+        for pattern, rule in self.name_map:
+            if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                return rule
+        if first and self.first is not None and layer_type != "batchnorm":
+            return self.first
+        if layer_type == "depthwise" and "depthwise" not in self.layer_map:
+            layer_type = "conv"
+        if layer_type in self.layer_map:
+            return self.layer_map[layer_type]
+        if layer_type == "batchnorm":
+            return Pass()
+        raise KeyError(f"composite {self.name!r} has no rule for {layer_type} layer {path!r}")
+
+    @property
+    def signed(self) -> bool:
+        """Whether heatmaps can hold negative relevance (then they are drawn centred on zero)."""
+        rules = [*self.layer_map.values(), *(r for _, r in self.name_map)]
+        rules += [self.first] if self.first is not None else []
+        return any(rule.signed for rule in rules)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Composite:
+        """A copy with rules replaced: keys are layer types, ``first`` or module-name patterns; values a
+        rule name or a mapping ``{rule: NAME, PARAM: VALUE...}``; plus ``maxpool``/``start``/``stabilizer``."""
+        layer_map = dict(self.layer_map)
+        name_map = list(self.name_map)
+        first = self.first
+        settings: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key in ("maxpool", "start", "stabilizer"):
+                settings[key] = value
+                continue
+            rule = rule_from_spec(value, where=key)
+            if key in LAYER_TYPES:
+                layer_map[key] = rule
+            elif key == "first":
+                first = rule
+            else:
+                name_map.insert(0, (key, rule))
+        return replace(self, layer_map=layer_map, name_map=tuple(name_map), first=first, **settings)
+
+
+def rule_from_spec(spec: Any, where: str = "rule") -> Rule:
+    """``"epsilon"`` or ``{"rule": "epsilon", "epsilon": 0.25}`` (or a Rule) to a Rule."""
+    if isinstance(spec, Rule):
+        return spec
+    if isinstance(spec, str):
+        return make_rule(spec)
+    if isinstance(spec, Mapping) and isinstance(spec.get("rule"), str):
+        params = {k: v for k, v in spec.items() if k != "rule"}
+        return make_rule(spec["rule"], **params)
+    raise ValueError(f"{where}: expected a rule name or a mapping with a 'rule' key, got {spec!r}")
+
+
+COMPOSITES: dict[str, Callable[[], Composite]] = {}
+"""Named presets; call the factory for a fresh composite."""
+
+
+def register_composite(name: str) -> Callable[[Callable[[], Composite]], Callable[[], Composite]]:
+    def register(factory: Callable[[], Composite]) -> Callable[[], Composite]:
+        COMPOSITES[name] = factory
+        return factory
+
+    return register
+
+
+def get_composite(composite: str | Composite) -> Composite:
+    if isinstance(composite, Composite):
+        return composite
+    if composite not in COMPOSITES:
+        raise ValueError(f"unknown composite {composite!r}; presets: {', '.join(sorted(COMPOSITES))}")
+    return COMPOSITES[composite]()
+
+
+@register_composite("seed")
+def seed() -> Composite:
+    """The seed implementation: z+ everywhere without bias, ones as the first layer's input, max pools
+    explained as average pools, relevance starting from the softmax over all classes."""
+    zplus = ZPlus(epsilon=1e-5, zero_bias=True)
+    return Composite(
+        name="seed",
+        layer_map={"conv": zplus, "linear": zplus},
+        first=ZPlus(epsilon=1e-5, zero_bias=True, ones_input=True),
+        maxpool="average",
+        start="softmax",
+    )
+
+
+@register_composite("epsilon-plus-flat")
+def epsilon_plus_flat() -> Composite:
+    """z+ in convolutions, epsilon in dense layers, flat at the input (Zennit's EpsilonPlusFlat)."""
+    return Composite(name="epsilon-plus-flat", layer_map={"conv": ZPlus(), "linear": Epsilon()}, first=Flat())
+
+
+@register_composite("epsilon-gamma-box")
+def epsilon_gamma_box() -> Composite:
+    """gamma in convolutions, epsilon in dense layers, z^B at the input (bounds from the normalisation)."""
+    return Composite(name="epsilon-gamma-box", layer_map={"conv": Gamma(), "linear": Epsilon()}, first=ZBox())
+
+
+@register_composite("epsilon-alpha2-beta1-flat")
+def epsilon_alpha2_beta1_flat() -> Composite:
+    """alpha2-beta1 in convolutions, epsilon in dense layers, flat at the input."""
+    return Composite(
+        name="epsilon-alpha2-beta1-flat",
+        layer_map={"conv": AlphaBeta(2.0, 1.0), "linear": Epsilon()},
+        first=Flat(),
+    )
+
+
+def _uniform(name: str, rule: Rule) -> None:
+    register_composite(name)(lambda: Composite(name=name, layer_map={"conv": rule, "linear": rule}))
+
+
+_uniform("epsilon", Epsilon())
+_uniform("zplus", ZPlus())
+_uniform("alpha1-beta0", AlphaBeta(1.0, 0.0))
+_uniform("alpha2-beta1", AlphaBeta(2.0, 1.0))

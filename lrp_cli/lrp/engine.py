@@ -1,0 +1,353 @@
+"""Run a traced model forward, then hand relevance back node by node from the output to the input."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .composites import Composite, get_composite
+from .filter import relevance_filter
+from .graph import Program, Step, build_program
+from .ops import ShapeOf, UnsupportedOperationError, Weighted
+from .rules import KEEP, AlphaBeta, Rule, ZBox, stabilize
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Target = int | Sequence[int] | torch.Tensor | str | None
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Explanation:
+    """Everything one batch produced.
+
+    ``relevance``: input relevance (N, C, H, W) on the inputs' device; ``logits``: the model's output;
+    ``targets``: the explained class per sample (-1 where the start spans all classes, e.g. softmax);
+    ``start``: the relevance put on the output; ``trace``: per-layer input relevance by module path
+    (only when tracing was asked for).
+    """
+
+    relevance: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+    start: torch.Tensor
+    trace: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _flat_nodes(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
+def _add(a: Any, b: Any) -> Any:
+    """Sum relevance arriving at one node from several users (tuples for tuple-valued nodes)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, tuple):
+        return tuple(_add(x, y) for x, y in zip(a, b))
+    return a + b
+
+
+def _is_tensors(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, tuple | list) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+
+
+class Explainer:
+    """A model traced once and explained batch after batch.
+
+    Parameters are read from the model when the explainer is made (batch norms folded, rule weights
+    cached); make a new one after changing the weights. The model itself is never modified.
+
+    ``topk``: relevance-filter fraction at every conv/linear/pool layer (1.0 = off); ``renormalize``:
+    rescale the kept relevance to the layer's total. ``precision``: ``fp32`` keeps the model's dtype,
+    ``bf16``/``fp16`` run the convolutions in that dtype with the divisions in float32.
+    ``mean``/``std``: the model's input normalisation, from which the z^B rule's box is derived.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        composite: str | Composite = "seed",
+        topk: float = 1.0,
+        *,
+        renormalize: bool = False,
+        precision: Precision = "fp32",
+        channels_last: bool | None = None,
+        trace: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        if not 0.0 < topk <= 1.0:
+            raise ValueError(f"topk must be in (0, 1], got {topk}")
+        if precision not in ("fp32", *LOW_PRECISION):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        self.composite = get_composite(composite)
+        self.topk = topk
+        self.renormalize = renormalize
+        self.precision = precision
+        self.channels_last = channels_last
+        self.trace_enabled = trace
+        self.maxpool = self.composite.maxpool
+        self.stabilizer = self.composite.stabilizer
+        self.program: Program = build_program(model)
+        parameter = next(model.parameters(), None)
+        self.model_dtype = parameter.dtype if parameter is not None else torch.float32
+        self.bounds = self._bounds(mean, std)
+        self._arg_nodes = {step.node: _flat_nodes(step.node) for step in self.program.steps}
+        self._assign_rules()
+        self._last_use = self._last_forward_use()
+
+    # --- set-up ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _bounds(mean: Sequence[float] | None, std: Sequence[float] | None) -> tuple[torch.Tensor, ...] | None:
+        if mean is None or std is None:
+            return None
+        m = torch.tensor(mean, dtype=torch.float64).reshape(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float64).reshape(1, -1, 1, 1)
+        return (0.0 - m) / s, (1.0 - m) / s
+
+    def _assign_rules(self) -> None:
+        steps = {step.node: step for step in self.program.steps}
+        self._nonnegative_input = {
+            id(step.op): all(src in steps and steps[src].nonnegative for src in self._arg_nodes[step.node])
+            for step in self.program.steps
+            if isinstance(step.op, Weighted)
+        }
+        for op in self.program.weighted:
+            layer_type = op.layer_type
+            if layer_type == "conv" and op.layer.groups > 1 and op.layer.groups == op.layer.weight.shape[0]:
+                layer_type = "depthwise"
+            rule = self.composite.rule_for(op.path, layer_type, op.first)
+            if isinstance(rule, ZBox) and rule.low is None and self.bounds is None:
+                raise ValueError(
+                    f"the z^B (zbox) rule at {op.path!r} needs the input box: pass mean= and std= (the "
+                    "model's input normalisation) or give the rule low/high values"
+                )
+            op.rule = rule
+            op.keeps = ("inputs" if rule.needs_input else "shapes") + ("+output" if rule.needs_output else "")
+
+    def _last_forward_use(self) -> dict[fx.Node, int]:
+        last: dict[fx.Node, int] = {}
+        for index, step in enumerate(self.program.steps):
+            for node in self._arg_nodes[step.node]:
+                last[node] = index
+        return last
+
+    # --- running --------------------------------------------------------------------------------
+
+    def __call__(self, inputs: torch.Tensor, target: Target = None) -> Explanation:
+        """Explain one batch; ``target`` as in :func:`lrp_cli.lrp.explain`."""
+        dtype = LOW_PRECISION.get(self.precision, self.model_dtype)
+        self._dtype = dtype
+        self._relevance_dtype = torch.float32 if self.precision != "fp32" else self.model_dtype
+        channels_last = inputs.dim() == 4 if self.channels_last is None else self.channels_last
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        x = inputs.to(dtype)
+        if inputs.dim() == 4:
+            x = x.contiguous(memory_format=self._memory_format)
+        with torch.no_grad():
+            logits, kept = self._forward(x)
+            start, targets = self._start(logits.to(self._relevance_dtype), target)
+            relevance, trace = self._backward(start, kept)
+        if relevance is None:
+            relevance = torch.zeros_like(inputs, dtype=self._relevance_dtype)
+        return Explanation(
+            relevance=relevance.to(torch.float32 if self.precision != "fp32" else self.model_dtype)
+            .reshape(inputs.shape)
+            .contiguous(),
+            logits=logits.float() if self.precision != "fp32" else logits,
+            targets=targets,
+            start=start,
+            trace=trace,
+        )
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[fx.Node, tuple[list[Any], Any]]]:
+        program = self.program
+        env: dict[fx.Node, Any] = {program.input_node: x}
+        kept: dict[fx.Node, tuple[list[Any], Any]] = {}
+        logits_node = program.output_node.args[0]
+        for index, step in enumerate(program.steps):
+            node, op = step.node, step.op
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            if isinstance(op, Weighted):
+                weight, bias = op.layer.params(KEEP, KEEP, self._dtype, self._memory_format)
+                value = op.layer.apply(args[0], weight, bias)
+            else:
+                value = op.forward(*args, **kwargs)
+            env[node] = value
+            if _is_tensors(value) and op.keeps != "nothing":
+                kept[node] = self._keep(step, env, value)
+            for source in self._arg_nodes[node]:
+                if self._last_use.get(source) == index and source is not logits_node:
+                    env.pop(source, None)
+        logits = env[logits_node]
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise UnsupportedOperationError(
+                f"the model's output must be class scores of shape (N, classes), got "
+                f"{getattr(logits, 'shape', type(logits).__name__)}"
+            )
+        return logits, kept
+
+    def _keep(self, step: Step, env: dict[fx.Node, Any], value: Any) -> tuple[list[Any], Any]:
+        """What ``propagate`` will need of this step: input values, input shapes and/or the output."""
+        keeps = step.op.keeps
+        values = []
+        for node in self._arg_nodes[step.node]:
+            value_in = env[node]
+            if "inputs" not in keeps:
+                if isinstance(value_in, torch.Tensor):
+                    value_in = ShapeOf(value_in)
+                elif _is_tensors(value_in):
+                    value_in = tuple(ShapeOf(v) for v in value_in)
+            values.append(value_in)
+        return values, value if "output" in keeps else None
+
+    def _start(self, logits: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output relevance and the explained class per sample (-1 for a start over all classes)."""
+        n, classes = logits.shape
+        if target is None:
+            target = self.composite.start
+        if isinstance(target, str):
+            if target == "softmax":
+                return logits.softmax(dim=1), torch.full((n,), -1, dtype=torch.long, device=logits.device)
+            if target != "predicted":
+                raise ValueError(
+                    f"unknown target start {target!r}; use 'predicted', 'softmax' or a class index"
+                )
+            indices = logits.argmax(dim=1)
+        elif isinstance(target, torch.Tensor) and target.is_floating_point():
+            if target.shape != logits.shape:
+                raise ValueError(f"a start relevance must have the logits' shape {tuple(logits.shape)}")
+            return target.to(logits), torch.full((n,), -1, dtype=torch.long, device=logits.device)
+        else:
+            indices = torch.as_tensor(target, dtype=torch.long, device=logits.device).reshape(-1)
+            if indices.numel() == 1:
+                indices = indices.expand(n)
+            if indices.numel() != n:
+                raise ValueError(f"got {indices.numel()} targets for a batch of {n}")
+            if (indices < 0).any() or (indices >= classes).any():
+                raise ValueError(f"target class out of range 0..{classes - 1}: {indices.tolist()}")
+        start = torch.zeros_like(logits)
+        start.scatter_(1, indices[:, None], 1.0)
+        return start, indices
+
+    def _backward(
+        self, start: torch.Tensor, kept: dict[fx.Node, tuple[list[Any], Any]]
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        program = self.program
+        relevance: dict[fx.Node, Any] = {program.output_node.args[0]: start}
+        trace: dict[str, torch.Tensor] = {"output": start} if self.trace_enabled else {}
+        for step in reversed(program.steps):
+            node = step.node
+            incoming = relevance.pop(node, None)
+            inputs, output = kept.pop(node, ([], None))
+            if incoming is None:
+                continue
+            if step.op.filtered and self.topk < 1.0:
+                incoming = relevance_filter(incoming, self.topk, self.renormalize)
+            if step.op.keeps == "nothing":
+                inputs = [None] * len(self._arg_nodes[node])
+            outgoing = step.op.propagate(incoming, inputs, output, self)
+            for index, (source, part) in enumerate(zip(self._arg_nodes[node], outgoing)):
+                if part is None:
+                    continue
+                if self.trace_enabled and isinstance(part, torch.Tensor):
+                    key = step.path if len(outgoing) == 1 else f"{step.path}[{index}]"
+                    trace[key] = part if key not in trace else trace[key] + part
+                relevance[source] = _add(relevance.get(source), part)
+        return relevance.pop(program.input_node, None), trace
+
+    # --- rules on weighted layers ---------------------------------------------------------------
+
+    def apply_rule(self, op: Weighted, a: Any, relevance: torch.Tensor, output: Any) -> torch.Tensor:
+        """Split ``relevance`` over the layer input ``a`` (a tensor, or its shape) with the layer's rule."""
+        rule: Rule = op.rule
+        layer = op.layer
+        groups = rule.groups()
+        if not groups:  # Pass
+            return relevance
+        shape = a.shape
+        nonnegative = self._nonnegative_input[id(op)]
+        compute = self._dtype
+        plans = []
+        for group in groups:
+            terms = [t for t in group.terms if not (nonnegative and t.input == "negative")]
+            modified = [self._modified_input(t.input, a, nonnegative, rule) for t in terms]
+            params = [layer.params(t.weight, t.bias, compute, self._memory_format) for t in terms]
+            z = None
+            for term, inp, (weight, bias) in zip(terms, modified, params):
+                part = layer.apply(inp, weight, bias).to(relevance.dtype)
+                part = part if term.sign == 1.0 else part * term.sign
+                z = part if z is None else z + part
+            plans.append((group, terms, modified, params, z))
+        scales = self._group_scales(rule, [plan[0] for plan in plans], [plan[4] for plan in plans])
+        result: torch.Tensor | None = None
+        for (group, terms, modified, params, z), scale in zip(plans, scales):
+            s = relevance * scale / stabilize(z, rule.stabilizer)
+            if group.output_sign:
+                reference = output.to(relevance.dtype)
+                s = s * ((reference > 0) if group.output_sign > 0 else (reference < 0))
+            s = s.to(compute)
+            if self._memory_format is torch.channels_last and s.dim() == 4:
+                s = s.contiguous(memory_format=torch.channels_last)
+            for term, inp, (weight, _) in zip(terms, modified, params):
+                contribution = layer.transpose(s, weight, shape).to(relevance.dtype)
+                if term.input != "ones":
+                    contribution = contribution * inp.to(relevance.dtype)
+                if term.sign != 1.0:
+                    contribution = contribution * term.sign
+                result = contribution if result is None else result + contribution
+        return result
+
+    @staticmethod
+    def _group_scales(rule: Rule, groups: list[Any], zs: list[torch.Tensor]) -> list[Any]:
+        """Group scales; for alpha-beta, a neuron with contributions of only one sign is explained by
+        that side alone (alpha - beta = 1 per neuron), so relevance is conserved exactly."""
+        if not isinstance(rule, AlphaBeta) or len(zs) != 2:
+            return [group.scale for group in groups]
+        positive, negative = zs
+        no_negative, no_positive = negative == 0, positive == 0
+        alpha, beta = groups[0].scale, groups[1].scale
+        scale_positive = torch.where(no_negative, 1.0, torch.where(no_positive, 0.0, alpha)).to(
+            positive.dtype
+        )
+        scale_negative = torch.where(no_negative, 0.0, torch.where(no_positive, 1.0, beta)).to(positive.dtype)
+        return [scale_positive, scale_negative]
+
+    def _modified_input(self, kind: str, a: Any, nonnegative: bool, rule: Rule) -> Any:
+        if kind == "identity" or (kind == "positive" and nonnegative):
+            return a
+        if kind == "positive":
+            return a.clamp(min=0)
+        if kind == "negative":
+            return a.clamp(max=0)
+        if kind == "ones":
+            return torch.ones(a.shape, dtype=self._dtype, device=a.device).contiguous(
+                memory_format=self._memory_format if len(a.shape) == 4 else torch.contiguous_format
+            )
+        low, high = self._box(rule)
+        bound = low if kind == "low" else high
+        return (
+            bound.to(device=a.device, dtype=self._dtype)
+            .expand(a.shape)
+            .contiguous(memory_format=self._memory_format if len(a.shape) == 4 else torch.contiguous_format)
+        )
+
+    def _box(self, rule: Rule) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(rule, ZBox) and rule.low is not None and rule.high is not None:
+            low = torch.tensor(rule.low, dtype=torch.float64).reshape(1, -1, 1, 1)
+            high = torch.tensor(rule.high, dtype=torch.float64).reshape(1, -1, 1, 1)
+            return low, high
+        assert self.bounds is not None
+        return self.bounds

@@ -1,0 +1,109 @@
+"""Weighted layers as plain tensors: the forward map and its transpose, without autograd."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow 'SAME' padding (before, after) for one spatial dimension."""
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+@dataclass
+class WeightedLayer:
+    """A conv, linear or per-channel affine map with its (possibly batch-norm-folded) parameters.
+
+    ``pad_mode`` is ``"zeros"`` for ordinary convolutions; ``"same"`` reproduces timm's dynamic TF padding
+    and any other value is a ``padding_mode`` of :class:`torch.nn.Conv2d` (reflect, replicate, circular).
+    In those two cases the input is padded explicitly and the convolution runs without padding.
+    """
+
+    kind: Literal["conv", "linear", "diag"]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    pad_mode: str = "zeros"
+    _cache: dict[tuple, torch.Tensor | None] = field(default_factory=dict, repr=False)
+
+    def explicit_pads(self, height: int, width: int) -> tuple[int, int, int, int] | None:
+        """Pads (left, right, top, bottom) applied before the convolution, or None for built-in padding."""
+        if self.kind != "conv" or self.pad_mode == "zeros":
+            return None
+        if self.pad_mode == "same":
+            kh, kw = self.weight.shape[-2:]
+            top, bottom = same_padding(height, kh, self.stride[0], self.dilation[0])
+            left, right = same_padding(width, kw, self.stride[1], self.dilation[1])
+            return left, right, top, bottom
+        ph, pw = self.padding
+        return pw, pw, ph, ph
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's forward map with the given (modified) parameters."""
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        if self.kind == "diag":
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            out = x * weight.reshape(shape)
+            return out if bias is None else out + bias.reshape(shape)
+        pads = self.explicit_pads(x.shape[-2], x.shape[-1])
+        if pads is None:
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        mode = "constant" if self.pad_mode == "same" else self.pad_mode
+        return F.conv2d(F.pad(x, pads, mode=mode), weight, bias, self.stride, 0, self.dilation, self.groups)
+
+    def transpose(self, s: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+        """The adjoint of :meth:`apply` (without bias) applied to ``s``: a gradient without autograd."""
+        if self.kind == "linear":
+            return s @ weight
+        if self.kind == "diag":
+            return s * weight.reshape((1, -1) + (1,) * (s.dim() - 2))
+        height, width = input_shape[-2:]
+        pads = self.explicit_pads(height, width)
+        padding = self.padding if pads is None else (0, 0)
+        if pads is not None:
+            height, width = height + pads[2] + pads[3], width + pads[0] + pads[1]
+        kh, kw = weight.shape[-2:]
+        out_pad = tuple(
+            size - ((out - 1) * st - 2 * pad + dil * (k - 1) + 1)
+            for size, out, st, pad, dil, k in zip(
+                (height, width), s.shape[-2:], self.stride, padding, self.dilation, (kh, kw)
+            )
+        )
+        grad = F.conv_transpose2d(s, weight, None, self.stride, padding, out_pad, self.groups, self.dilation)
+        if pads is None:
+            return grad
+        if self.pad_mode == "same":
+            left, right, top, bottom = pads
+            return grad[..., top : grad.shape[-2] - bottom, left : grad.shape[-1] - right]
+        return _pad_adjoint(grad, input_shape, pads, self.pad_mode)
+
+    def params(self, weight_mod, bias_mod, dtype: torch.dtype, memory_format: torch.memory_format):
+        """Modified (weight, bias) in the compute dtype, cached: weights do not change between batches."""
+        key = (weight_mod, bias_mod, dtype, memory_format)
+        if key not in self._cache:
+            weight = weight_mod(self.weight).to(dtype)
+            if self.kind == "conv":
+                weight = weight.contiguous(memory_format=memory_format)
+            bias = None if self.bias is None else bias_mod(self.bias).to(dtype)
+            if bias is not None and not bias.any():
+                bias = None
+            self._cache[key] = (weight, bias)
+        return self._cache[key]
+
+
+def _pad_adjoint(grad: torch.Tensor, shape: torch.Size, pads: tuple[int, ...], mode: str) -> torch.Tensor:
+    """Fold relevance on reflect/replicate/circular padding back onto the pixels it was copied from."""
+    with torch.enable_grad():
+        leaf = torch.zeros(shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
+        (result,) = torch.autograd.grad(F.pad(leaf, pads, mode=mode), leaf, grad)
+    return result
