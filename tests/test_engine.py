@@ -47,7 +47,7 @@ def bias_free_model(request):
 
 @pytest.mark.parametrize("rule", list(BIAS_FREE))
 def test_conservation_on_bias_free_models(bias_free_model, rule):
-    name, model, size = bias_free_model
+    _, model, size = bias_free_model
     composite = Composite(layer_map={"conv": BIAS_FREE[rule], "linear": BIAS_FREE[rule]}, stabilizer=1e-9)
     x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     result = attribute(model, x, composite=composite, target=[1, 2])

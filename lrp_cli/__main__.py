@@ -1,0 +1,5 @@
+"""``python -m lrp_cli``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,198 @@
+"""The run configuration: one YAML schema, validated with messages that name the file, key and value."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .lrp import COMPOSITES
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+PRECISIONS = ("fp32", "bf16", "fp16")
+RESIZE_POLICIES = ("squash", "crop")
+MAXPOOL_MODES = ("winner", "average")
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user has to fix; the message says where and how."""
+
+
+@dataclass
+class Config:
+    """Every setting of a run. ``configs/default.yaml`` documents each key."""
+
+    model: str = "efficientnet-lite0"
+    weights: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    composite: str = "epsilon-plus-flat"
+    rules: dict[str, Any] = field(default_factory=dict)
+    topk: float = 1.0
+    renormalize: bool = False
+    target: int | str | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    resolution: int = 224
+    resize: str = "squash"
+    batch_size: int = 8
+    workers: int = 2
+    colormap: str = "auto"
+    overlay_alpha: float = 0.6
+    save_relevance: bool = False
+    output: str = "output"
+    max_pixels: int = 89_478_485
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check(key: str, value: Any, where: str) -> Any:
+    """Validate one key's value, returning it normalised."""
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: key {key!r} = {value!r} is invalid; expected {expected}")
+
+    def number(low: float, high: float, *, integer: bool, low_open: bool = False) -> Any:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (integer and not isinstance(value, int))
+        ):
+            raise fail(
+                f"{'an integer' if integer else 'a number'} in {'(' if low_open else '['}{low}, {high}]"
+            )
+        if value < low or value > high or (low_open and value == low):
+            raise fail(f"a value in {'(' if low_open else '['}{low}, {high}]")
+        return value
+
+    def choice(options: tuple[str, ...]) -> str:
+        if value not in options:
+            raise fail(f"one of {', '.join(options)}")
+        return value
+
+    if key == "topk":
+        return float(number(0.0, 1.0, integer=False, low_open=True))
+    if key == "overlay_alpha":
+        return float(number(0.0, 1.0, integer=False))
+    if key == "resolution":
+        return number(16, 4096, integer=True)
+    if key == "batch_size":
+        return number(1, 4096, integer=True)
+    if key == "workers":
+        return number(0, 64, integer=True)
+    if key == "max_pixels":
+        return number(1, 10**10, integer=True)
+    if key == "precision":
+        return choice(PRECISIONS)
+    if key == "resize":
+        return choice(RESIZE_POLICIES)
+    if key == "composite":
+        return choice(tuple(sorted(COMPOSITES)))
+    if key in ("renormalize", "save_relevance"):
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if key == "device":
+        if not isinstance(value, str) or not (
+            value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
+        ):
+            raise fail("auto, cpu, cuda or cuda:N")
+        return value
+    if key == "target":
+        if value is None or value in ("predicted", "softmax"):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+        raise fail("null, predicted, softmax or a class index >= 0")
+    if key in ("mean", "std"):
+        if value is None:
+            return None
+        if (
+            not isinstance(value, list)
+            or len(value) != 3
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        ):
+            raise fail("null or a list of 3 numbers (per RGB channel)")
+        if key == "std" and any(v <= 0 for v in value):
+            raise fail("positive numbers")
+        return [float(v) for v in value]
+    if key == "rules":
+        if not isinstance(value, dict):
+            raise fail("a mapping of layer type / module pattern to a rule")
+        _check_rules(value, where)
+        return value
+    if key in ("model", "colormap", "output"):
+        if not isinstance(value, str) or not value:
+            raise fail("a non-empty string")
+        if key == "colormap" and value != "auto":
+            import matplotlib
+
+            if value not in matplotlib.colormaps:
+                raise ConfigError(
+                    f"{where}: key 'colormap' = {value!r} is not a matplotlib colormap"
+                    + _suggest(value, list(matplotlib.colormaps))
+                )
+        return value
+    if key == "weights":
+        if value is not None and not isinstance(value, str):
+            raise fail("null or a file path")
+        return value
+    raise AssertionError(f"unhandled key {key}")
+
+
+def _check_rules(rules: Mapping[str, Any], where: str) -> None:
+    from .lrp import get_composite
+
+    try:
+        get_composite("epsilon").with_overrides(rules)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{where}: key 'rules' is invalid: {error}") from error
+
+
+def merge(config: Config, values: Mapping[str, Any], where: str) -> Config:
+    """Apply ``values`` on top of ``config``, checking every key and value."""
+    known = [f.name for f in fields(Config)]
+    updates = {}
+    for key, value in values.items():
+        normalised_key = key.replace("-", "_")
+        if normalised_key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(normalised_key, known)}")
+        updates[normalised_key] = _check(normalised_key, value, where)
+    return Config(**{**config.to_dict(), **updates})
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file (``configs/default.yaml`` when none is given), then overrides."""
+    config = Config()
+    source = Path(path) if path is not None else DEFAULT_CONFIG
+    if path is not None or source.exists():
+        try:
+            text = source.read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {source}: {error.strerror or error}") from error
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{source}: not valid YAML: {error}") from error
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of keys to values")
+        config = merge(config, data, str(source))
+    if overrides:
+        config = merge(config, {k: v for k, v in overrides.items() if v is not None}, "command line")
+    return config

@@ -1,0 +1,91 @@
+"""Turning relevance into pictures and files: colormaps, overlays, atomic writers."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from PIL import Image
+
+from .data import crop_box
+
+UNSIGNED_COLORMAP = "afmhot"  # the seed's choice: black (none) to white (most relevant)
+SIGNED_COLORMAP = "bwr"  # blue negative, white zero, red positive
+SCALE_PERCENTILE = 99.5  # a few extreme pixels must not wash out the rest of the map
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename: a file is whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def relevance_map(relevance: np.ndarray) -> np.ndarray:
+    """(C, H, W) input relevance to one (H, W) map: the sum over colour channels."""
+    return relevance.sum(axis=0) if relevance.ndim == 3 else relevance
+
+
+def normalise(heat: np.ndarray, signed: bool) -> np.ndarray:
+    """Scale to [0, 1] (unsigned) or [-1, 1] (signed, zero stays zero) by a high percentile of |R|."""
+    magnitude = np.abs(heat) if signed else np.clip(heat, 0, None)
+    scale = float(np.percentile(magnitude, SCALE_PERCENTILE)) or float(magnitude.max()) or 1.0
+    return np.clip(heat / scale, -1.0 if signed else 0.0, 1.0)
+
+
+def colorize(normalised: np.ndarray, signed: bool, colormap: str = "auto") -> np.ndarray:
+    """RGB uint8 image of a normalised map."""
+    name = colormap if colormap != "auto" else SIGNED_COLORMAP if signed else UNSIGNED_COLORMAP
+    values = (normalised + 1.0) / 2.0 if signed else normalised
+    rgba = matplotlib.colormaps[name](values)
+    return (rgba[..., :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+def heatmap_image(heat: np.ndarray, signed: bool, colormap: str = "auto") -> Image.Image:
+    return Image.fromarray(colorize(normalise(heat, signed), signed, colormap), "RGB")
+
+
+def overlay_image(
+    photo: Image.Image, heat: np.ndarray, signed: bool, policy: str, alpha: float, colormap: str = "auto"
+) -> Image.Image:
+    """The heatmap blended onto the photo at the photo's own size and orientation.
+
+    Each pixel's blend weight grows with |relevance|, so irrelevant regions show the photo unchanged.
+    With the ``crop`` policy only the explained centre square carries a heatmap.
+    """
+    width, height = photo.size
+    left, top, right, bottom = (0, 0, width, height) if policy == "squash" else crop_box(width, height)
+    norm = normalise(heat, signed).astype(np.float32)
+    resized = np.asarray(
+        Image.fromarray(norm, "F").resize((right - left, bottom - top), Image.Resampling.BILINEAR),
+        dtype=np.float32,
+    )
+    full = np.zeros((height, width), dtype=np.float32)
+    full[top:bottom, left:right] = resized
+    colours = colorize(full, signed, colormap).astype(np.float32)
+    weight = (alpha * np.abs(full))[..., None]
+    base = np.asarray(photo, dtype=np.float32)
+    blended = base * (1.0 - weight) + colours * weight
+    return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), "RGB")
