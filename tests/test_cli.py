@@ -1,0 +1,294 @@
+"""End to end through the real CLI (a subprocess, as users and CI call it) on generated and shipped images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from lrp_cli.config import Config, ConfigError, load_config
+from lrp_cli.data import decode, discover
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "input"
+GUARD = (  # local (AF_UNIX) sockets stay allowed: DataLoader workers use them
+    "import socket\n"
+    "_connect = socket.socket.connect\n"
+    "def _refuse(self, address):\n"
+    "    if self.family != socket.AF_UNIX: raise RuntimeError(f'network access attempted: {address}')\n"
+    "    return _connect(self, address)\n"
+    "socket.socket.connect = _refuse\n"
+    "from lrp_cli.cli import main\n"
+    "main()\n"
+)
+
+
+def cli(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``lrp-heatmap`` in a fresh interpreter with network access disabled."""
+    environment = {**os.environ, "LRP_HEATMAP_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", GUARD, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """A folder of awkward but valid images, plus broken ones and colliding names."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    Image.fromarray(rgb).save(root / "a" / "cat.png")
+    Image.fromarray(rgb[::-1]).save(root / "b" / "cat.png")
+    Image.fromarray(rgb).save(root / "b" / "cat.jpg", quality=90)
+    Image.fromarray(rgb[..., 0]).save(root / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full((60, 90), 128, np.uint8)])).save(root / "rgba.png")
+    Image.fromarray(rgb).convert("P").save(root / "palette.gif")
+    Image.fromarray((rng.integers(0, 65535, (40, 50))).astype(np.uint16)).save(root / "deep16.tif")
+    Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray(rgb).save(root / "photo.webp")
+    Image.fromarray(rgb).save(root / "photo.bmp")
+    rotated = Image.fromarray(rgb)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    rotated.save(root / "rotated.jpg", exif=exif)
+    (root / ".hidden.png").write_bytes((root / "gray.png").read_bytes())
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("broken")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "good.png")
+    (root / "empty.png").write_bytes(b"")
+    full = (root / "good.png").read_bytes()
+    (root / "truncated.png").write_bytes(full[: len(full) // 2])
+    (root / "fake.jpg").write_text("this is text, not a JPEG")
+    Image.new("L", (3000, 3000)).save(root / "bomb.png")
+    return root
+
+
+# --- decoding and discovery (in-process: fast and exact) -------------------------------------------
+
+
+def test_every_mode_decodes_to_upright_rgb(images):
+    for name in ["gray.png", "rgba.png", "palette.gif", "deep16.tif", "cmyk.jpg", "photo.webp", "photo.bmp"]:
+        image = decode(images / name, 10**8)
+        assert image.mode == "RGB", name
+    assert decode(images / "rotated.jpg", 10**8).size == (60, 90)  # EXIF orientation applied
+    rgba = np.asarray(decode(images / "rgba.png", 10**8), dtype=np.float64)
+    original = np.asarray(Image.open(images / "a" / "cat.png"), dtype=np.float64)
+    expected = original * 128 / 255 + 255 * (1 - 128 / 255)  # composited on white
+    assert np.abs(rgba - expected).max() <= 1.0
+
+
+def test_discovery_is_recursive_skips_hidden_and_keeps_names_apart(images):
+    items = discover([str(images)])
+    names = sorted(str(item.relative) for item in items)
+    assert ".hidden" not in " ".join(names) and "notes" not in " ".join(names)
+    assert {"a/cat", "b/cat.png", "b/cat.jpg", "photo.webp", "photo.bmp"} <= set(names)
+    assert len(names) == len(set(names)) == 11
+
+
+def test_missing_input_is_a_usage_error(tmp_path):
+    result = cli("run", str(tmp_path / "nowhere"), "-o", str(tmp_path))
+    assert result.returncode == 2 and "nowhere: no such file or folder" in result.stderr
+
+
+# --- the run command --------------------------------------------------------------------------------
+
+
+def test_run_writes_every_output_with_the_right_sizes(images, tmp_path):
+    out = tmp_path / "out"
+    result = cli(
+        "run",
+        str(images),
+        "-o",
+        str(out),
+        "--workers",
+        "2",
+        "--batch-size",
+        "5",
+        "--resolution",
+        "64",
+        "--save-relevance",
+        "--topk",
+        "0.1",
+    )
+    assert result.returncode == 0, result.stderr
+    records = manifest(out)
+    assert len(records) == 11 and all(r["error"] is None for r in records)
+    for record in records:
+        source = Path(record["path"])
+        heatmap = Image.open(record["outputs"]["heatmap"])
+        overlay = Image.open(record["outputs"]["overlay"])
+        assert heatmap.size == (64, 64)
+        assert overlay.size == decode(source, 10**8).size
+        relevance = np.load(record["outputs"]["relevance"])
+        assert relevance.shape == (3, 64, 64) and relevance.dtype == np.float32
+        assert record["relevance_sum"] == pytest.approx(float(relevance.sum(dtype=np.float64)), rel=1e-5)
+        assert 0 <= record["class_index"] < 1000 and isinstance(record["label"], str)
+        assert record["target"] == record["class_index"]  # epsilon-plus-flat explains the predicted class
+    assert (out / "a" / "cat.heatmap.png").exists() and (out / "b" / "cat.png.heatmap.png").exists()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_bad_files_are_reported_and_the_run_goes_on(broken, tmp_path):
+    out = tmp_path / "out"
+    config = tmp_path / "small.yaml"
+    config.write_text("max_pixels: 1000000\n")  # the 3000x3000 file counts as a bomb
+    result = cli(
+        "run", str(broken), "-c", str(config), "-o", str(out), "--workers", "0", "--resolution", "32"
+    )
+    assert result.returncode == 1
+    records = {Path(r["path"]).name: r for r in manifest(out)}
+    assert records["good.png"]["error"] is None
+    assert "empty" in records["empty.png"]["error"]
+    assert "truncated" in records["truncated.png"]["error"] or "corrupt" in records["truncated.png"]["error"]
+    assert "not an image" in records["fake.jpg"]["error"]
+    assert "decompression bomb" in records["bomb.png"]["error"]
+    for name in ["empty.png", "truncated.png", "fake.jpg", "bomb.png"]:
+        assert f"skipped {broken / name}" in result.stderr
+    assert (out / "good.heatmap.png").exists() and not (out / "fake.heatmap.png").exists()
+
+
+def test_bomb_limit_comes_from_the_config(broken, tmp_path):
+    config = tmp_path / "big.yaml"
+    config.write_text("max_pixels: 10000000\nresolution: 32\nworkers: 0\n")
+    out = tmp_path / "out"
+    result = cli("run", str(broken / "bomb.png"), "-c", str(config), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+
+
+def test_stdin_json_and_resume(images, tmp_path):
+    out = tmp_path / "out"
+    paths = [images / "gray.png", images / "photo.bmp"]
+    first = cli(
+        "run",
+        "-",
+        "-o",
+        str(out),
+        "--json",
+        "--workers",
+        "0",
+        "--resolution",
+        "32",
+        stdin="\n".join(map(str, paths[:1])) + "\n",
+    )
+    assert first.returncode == 0, first.stderr
+    printed = [json.loads(line) for line in first.stdout.splitlines()]
+    assert [Path(r["path"]).name for r in printed] == ["gray.png"]
+    assert first.stderr == ""  # no progress bar or summary with --json
+    before = (out / "gray.heatmap.png").stat().st_mtime_ns
+    second = cli(
+        "run",
+        "-",
+        "-o",
+        str(out),
+        "--json",
+        "--resume",
+        "--workers",
+        "0",
+        "--resolution",
+        "32",
+        stdin="\n".join(map(str, paths)) + "\n",
+    )
+    assert second.returncode == 0, second.stderr
+    assert [Path(json.loads(line)["path"]).name for line in second.stdout.splitlines()] == ["photo.bmp"]
+    assert (out / "gray.heatmap.png").stat().st_mtime_ns == before
+    assert sorted(Path(r["path"]).name for r in manifest(out)) == ["gray.png", "photo.bmp"]
+
+
+def test_embedded_model_sees_the_cat(tmp_path):
+    out = tmp_path / "out"
+    result = cli("run", str(SAMPLES / "cat.png"), "-o", str(out), "--workers", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    (record,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert 281 <= record["class_index"] <= 285, record  # ImageNet's domestic cats
+    assert "cat" in record["label"]
+    assert record["probability"] > 0.3
+
+
+def test_shipped_photos_run_with_seed_composite(tmp_path):
+    out = tmp_path / "out"
+    result = cli("run", str(SAMPLES), "-o", str(out), "--composite", "seed", "--topk", "0.05", "--quiet")
+    assert result.returncode == 0, result.stderr
+    records = manifest(out)
+    assert len(records) == 4 and all(r["target"] == "softmax" for r in records)
+    assert {Path(r["path"]).name for r in records} == {"cat.png", "coffee.png", "astronaut.png", "rocket.jpg"}
+
+
+# --- usage and config errors -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--topk", "0"], "'topk' = 0.0 is invalid; expected a value in (0.0, 1.0]"),
+        (["--topk", "1.5"], "'topk' = 1.5"),
+        (["--device", "cuda"], "CUDA is not available"),
+        (["--composite", "nope"], "one of alpha1-beta0"),
+        (["--model", "vgg16"], "--weights FILE"),
+        (["--model", "no.such.module:factory"], "cannot import"),
+        (["--colormap", "virdis"], "did you mean 'viridis'"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_clear_message(args, message, tmp_path):
+    result = cli("run", str(SAMPLES / "cat.png"), "-o", str(tmp_path), "--workers", "0", *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "cat.heatmap.png").exists()
+
+
+def test_config_file_errors_name_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("topk: 0.05\nbatchsize: 4\n")
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: unknown key 'batchsize' \(did you mean 'batch_size'\?\)"
+    ):
+        load_config(bad)
+    bad.write_text("resolution: big\n")
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: key 'resolution' = 'big' is invalid; expected an integer"
+    ):
+        load_config(bad)
+    bad.write_text("rules: {conv: {rule: gamma, gamma: 0.5, gamme: 1}}\n")
+    with pytest.raises(ConfigError, match="no parameter.*gamme"):
+        load_config(bad)
+    result = cli("run", str(SAMPLES / "cat.png"), "-c", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2 and "cannot read config file" in result.stderr
+
+
+def test_default_config_lists_every_key_with_its_default():
+    data = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    assert data == Config().to_dict()
+    seed = load_config(ROOT / "configs" / "vgg16.yaml")
+    assert (seed.model, seed.composite, seed.topk) == ("vgg16", "seed", 0.05)
+
+
+def test_entry_points_and_help():
+    assert cli("--version").stdout.strip().startswith("lrp-heatmap ")
+    assert "Explain every image" in cli("run", "--help").stdout
+    module = subprocess.run(
+        [sys.executable, "-m", "lrp_cli", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert module.returncode == 0 and "run" in module.stdout
