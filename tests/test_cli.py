@@ -272,7 +272,7 @@ def test_config_file_errors_name_file_and_key(tmp_path):
     ):
         load_config(bad)
     bad.write_text("rules: {conv: {rule: gamma, gamma: 0.5, gamme: 1}}\n")
-    with pytest.raises(ConfigError, match="no parameter.*gamme"):
+    with pytest.raises(ConfigError, match=r"no parameter.*gamme"):
         load_config(bad)
     result = cli("run", str(SAMPLES / "cat.png"), "-c", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2 and "cannot read config file" in result.stderr

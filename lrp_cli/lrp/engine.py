@@ -105,6 +105,7 @@ class Explainer:
         self._arg_nodes = {step.node: _flat_nodes(step.node) for step in self.program.steps}
         self._assign_rules()
         self._last_use = self._last_forward_use()
+        self._constant_terms: dict[tuple, torch.Tensor] = {}
 
     # --- set-up ---------------------------------------------------------------------------------
 
@@ -255,7 +256,9 @@ class Explainer:
             if incoming is None:
                 continue
             if step.op.filtered and self.topk < 1.0:
-                incoming = relevance_filter(incoming, self.topk, self.renormalize)
+                incoming = relevance_filter(
+                    incoming, self.topk, self.renormalize, in_place=not self.trace_enabled
+                )
             if step.op.keeps == "nothing":
                 inputs = [None] * len(self._arg_nodes[node])
             outgoing = step.op.propagate(incoming, inputs, output, self)
@@ -287,14 +290,18 @@ class Explainer:
             params = [layer.params(t.weight, t.bias, compute, self._memory_format) for t in terms]
             z = None
             for term, inp, (weight, bias) in zip(terms, modified, params):
-                part = layer.apply(inp, weight, bias).to(relevance.dtype)
-                part = part if term.sign == 1.0 else part * term.sign
-                z = part if z is None else z + part
+                part = self._term_output(op, term, inp, weight, bias, relevance.dtype)
+                z = part if z is None else z.add_(part)
             plans.append((group, terms, modified, params, z))
         scales = self._group_scales(rule, [plan[0] for plan in plans], [plan[4] for plan in plans])
         result: torch.Tensor | None = None
         for (group, terms, modified, params, z), scale in zip(plans, scales):
-            s = relevance * scale / stabilize(z, rule.stabilizer)
+            if _positive_denominator(group, nonnegative):
+                s = torch.div(relevance, z.add_(rule.stabilizer), out=z)
+            else:
+                s = relevance / stabilize(z, rule.stabilizer)
+            if not isinstance(scale, float) or scale != 1.0:
+                s = s * scale
             if group.output_sign:
                 reference = output.to(relevance.dtype)
                 s = s * ((reference > 0) if group.output_sign > 0 else (reference < 0))
@@ -304,11 +311,27 @@ class Explainer:
             for term, inp, (weight, _) in zip(terms, modified, params):
                 contribution = layer.transpose(s, weight, shape).to(relevance.dtype)
                 if term.input != "ones":
-                    contribution = contribution * inp.to(relevance.dtype)
+                    contribution = contribution * inp
                 if term.sign != 1.0:
-                    contribution = contribution * term.sign
-                result = contribution if result is None else result + contribution
+                    contribution = contribution.mul_(term.sign)
+                result = contribution if result is None else result.add_(contribution)
         return result
+
+    def _term_output(
+        self, op: Weighted, term: Any, inp: Any, weight: torch.Tensor, bias: Any, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """One term's modified forward, signed, in the relevance dtype. Terms whose input does not depend
+        on the image (ones, box bounds) are computed once per input shape and reused across batches."""
+        constant = term.input in ("ones", "low", "high")
+        key = (id(op), term, tuple(inp.shape), inp.dtype, inp.device)
+        if constant and key in self._constant_terms:
+            return self._constant_terms[key].clone()
+        part = op.layer.apply(inp, weight, bias).to(dtype)
+        if term.sign != 1.0:
+            part = part * term.sign
+        if constant:
+            self._constant_terms[key] = part.clone()
+        return part
 
     @staticmethod
     def _group_scales(rule: Rule, groups: list[Any], zs: list[torch.Tensor]) -> list[Any]:
@@ -351,3 +374,18 @@ class Explainer:
             return low, high
         assert self.bounds is not None
         return self.bounds
+
+
+def _positive_denominator(group: Any, nonnegative_input: bool) -> bool:
+    """True when every term adds a non-negative amount (e.g. z+ on ReLU outputs): the stabiliser is
+    then a plain ``+ epsilon``, done in place."""
+    positive_inputs = {"ones"} | ({"identity", "positive"} if nonnegative_input else {"positive"})
+    positive_params = {"positive", "ones", "square", "zero"}
+    return all(
+        t.sign > 0
+        and t.input in positive_inputs
+        and t.weight.kind in positive_params
+        and t.bias.kind in positive_params
+        for t in group.terms
+        if not (nonnegative_input and t.input == "negative")
+    )
