@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 import sys
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +19,8 @@ from .data import InputError
 from .lrp import UnsupportedOperationError
 from .models import ModelError
 from .pipeline import EXIT_USAGE, RunError, run
+from .render import atomic_write
+from .snapshot import SnapshotError, Tolerances, check, format_table, junit_xml, record
 
 app = typer.Typer(
     add_completion=False,
@@ -64,71 +71,149 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(EXIT_USAGE)
 
 
-def overrides(**options: Any) -> dict[str, Any]:
-    """Command-line options that were given, as config keys (a numeric --target becomes an int)."""
-    given = {key: value for key, value in options.items() if value is not None}
-    if isinstance(given.get("target"), str) and given["target"].isdigit():
-        given["target"] = int(given["target"])
-    return given
+SaveRelevanceOpt = Annotated[
+    bool | None, typer.Option("--save-relevance/--no-save-relevance", help="Also write NAME.relevance.npy.")
+]
+RenormalizeOpt = Annotated[
+    bool | None,
+    typer.Option("--renormalize/--no-renormalize", help="Rescale filtered relevance to its total."),
+]
+CONFIG_OPTIONS: dict[str, Any] = {
+    "model": ModelOpt,
+    "weights": WeightsOpt,
+    "composite": CompositeOpt,
+    "topk": TopkOpt,
+    "target": TargetOpt,
+    "device": DeviceOpt,
+    "precision": PrecisionOpt,
+    "resolution": ResolutionOpt,
+    "resize": ResizeOpt,
+    "batch_size": BatchOpt,
+    "workers": WorkersOpt,
+    "colormap": ColormapOpt,
+    "output": OutputOpt,
+    "save_relevance": SaveRelevanceOpt,
+    "renormalize": RenormalizeOpt,
+}
+"""Options every command shares: each overrides the config key of the same name."""
+
+
+def with_config_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` the shared config options; it receives them as one ``overrides`` dict."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "overrides"]
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+        for name, annotation in CONFIG_OPTIONS.items()
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        given = {name: kwargs.pop(name) for name in CONFIG_OPTIONS}
+        given = {key: value for key, value in given.items() if value is not None}
+        if isinstance(given.get("target"), str) and given["target"].isdigit():
+            given["target"] = int(given["target"])
+        try:
+            command(**kwargs, overrides=given)
+        except (
+            ConfigError,
+            InputError,
+            ModelError,
+            RunError,
+            SnapshotError,
+            UnsupportedOperationError,
+        ) as error:
+            raise fail(str(error)) from None
+
+    wrapper.__signature__ = signature.replace(parameters=own + shared)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in own} | CONFIG_OPTIONS
+    return wrapper
 
 
 @app.command("run")
+@with_config_options
 def run_command(
     inputs: Inputs,
     config: ConfigOpt = None,
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    composite: CompositeOpt = None,
-    topk: TopkOpt = None,
-    target: TargetOpt = None,
-    device: DeviceOpt = None,
-    precision: PrecisionOpt = None,
-    resolution: ResolutionOpt = None,
-    resize: ResizeOpt = None,
-    batch_size: BatchOpt = None,
-    workers: WorkersOpt = None,
-    colormap: ColormapOpt = None,
-    output: OutputOpt = None,
-    save_relevance: Annotated[
-        bool | None,
-        typer.Option("--save-relevance/--no-save-relevance", help="Also write NAME.relevance.npy."),
-    ] = None,
-    renormalize: Annotated[
-        bool | None,
-        typer.Option("--renormalize/--no-renormalize", help="Rescale filtered relevance to its total."),
-    ] = None,
     resume: Annotated[bool, typer.Option(help="Skip inputs the manifest already records as done.")] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print each manifest record on stdout.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    overrides: dict[str, Any] | None = None,
 ) -> None:
     """Explain every image and write heatmaps, overlays and manifest.jsonl to the output folder."""
-    try:
-        settings = load_config(
-            config,
-            overrides(
-                model=model,
-                weights=weights,
-                composite=composite,
-                topk=topk,
-                target=target,
-                device=device,
-                precision=precision,
-                resolution=resolution,
-                resize=resize,
-                batch_size=batch_size,
-                workers=workers,
-                colormap=colormap,
-                output=output,
-                save_relevance=save_relevance,
-                renormalize=renormalize,
-            ),
-        )
-        code = run(settings, inputs, resume=resume, json_output=json_output, quiet=quiet)
-    except (ConfigError, InputError, ModelError, RunError, UnsupportedOperationError) as error:
-        raise fail(str(error)) from None
+    settings = load_config(config, overrides)
+    raise typer.Exit(run(settings, inputs, resume=resume, json_output=json_output, quiet=quiet))
+
+
+snapshot_app = typer.Typer(
+    no_args_is_help=True, help="Record heatmap snapshots and check for drift (for CI)."
+)
+app.add_typer(snapshot_app, name="snapshot")
+
+MinPearsonOpt = Annotated[float | None, typer.Option(help="Fail below this Pearson r (default 0.98).")]
+MaxDiffOpt = Annotated[float | None, typer.Option(help="Fail above this max |diff| / max |recorded| (0.5).")]
+MaxMeanDiffOpt = Annotated[
+    float | None, typer.Option(help="Fail above this mean |diff| / max |recorded| (0.03).")
+]
+MinIouOpt = Annotated[float | None, typer.Option(help="Fail below this IoU of the top-fraction masks (0.7).")]
+MaskFractionOpt = Annotated[float | None, typer.Option(help="Fraction of pixels in the IoU masks (0.05).")]
+
+
+@snapshot_app.command("record")
+@with_config_options
+def snapshot_record(
+    inputs: Inputs,
+    to: Annotated[Path, typer.Option("--to", help="Snapshot folder to write.")],
+    config: ConfigOpt = None,
+    overrides: dict[str, Any] | None = None,
+) -> None:
+    """Store every image's relevance map (float16, compressed) and the metadata that produced it."""
+    settings = load_config(config, overrides)
+    code = record(settings, inputs, to)
+    typer.echo(f"lrp-heatmap: snapshot written to {to}", err=True)
     raise typer.Exit(code)
+
+
+@snapshot_app.command("check")
+@with_config_options
+def snapshot_check(
+    inputs: Inputs,
+    against: Annotated[Path, typer.Option("--against", help="Snapshot folder to compare with.")],
+    config: ConfigOpt = None,
+    min_pearson: MinPearsonOpt = None,
+    max_diff: MaxDiffOpt = None,
+    max_mean_diff: MaxMeanDiffOpt = None,
+    min_iou: MinIouOpt = None,
+    mask_fraction: MaskFractionOpt = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the comparison as JSON on stdout.")
+    ] = False,
+    junit: Annotated[Path | None, typer.Option(help="Also write a JUnit XML report to this file.")] = None,
+    overrides: dict[str, Any] | None = None,
+) -> None:
+    """Recompute the heatmaps and compare with a snapshot: exit 0 if all pass, 1 on any drift."""
+    tolerance_options = {
+        "min_pearson": min_pearson, "max_diff": max_diff, "max_mean_diff": max_mean_diff,
+        "min_iou": min_iou, "mask_fraction": mask_fraction,
+    }  # fmt: skip
+    settings = load_config(config, {**(overrides or {}), **tolerance_options})
+    diff_dir = Path(settings.output) / "snapshot-diff"
+    report = check(settings, inputs, against, Tolerances(**settings.snapshot), diff_dir)
+    typer.echo(format_table(report), err=True)
+    if any(c.status != "pass" for c in report.comparisons):
+        typer.echo(f"diff images (recorded | current | difference): {diff_dir}", err=True)
+    if json_output:
+        document = {
+            "passed": report.passed,
+            "changes": report.changes,
+            "images": [asdict(c) for c in report.comparisons],
+        }
+        typer.echo(json.dumps(document, indent=2))
+    if junit is not None:
+        atomic_write(junit, junit_xml(report))
+    raise typer.Exit(0 if report.passed else 1)
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ class Config:
     save_relevance: bool = False
     output: str = "output"
     max_pixels: int = 89_478_485
+    snapshot: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +133,8 @@ def _check(key: str, value: Any, where: str) -> Any:
         if key == "std" and any(v <= 0 for v in value):
             raise fail("positive numbers")
         return [float(v) for v in value]
+    if key == "snapshot":
+        return _check_tolerances(value, where)
     if key == "rules":
         if not isinstance(value, dict):
             raise fail("a mapping of layer type / module pattern to a rule")
@@ -154,6 +157,29 @@ def _check(key: str, value: Any, where: str) -> Any:
             raise fail("null or a file path")
         return value
     raise AssertionError(f"unhandled key {key}")
+
+
+TOLERANCES = {  # key: (low, high) -- see lrp_cli.snapshot.Tolerances for the defaults
+    "min_pearson": (-1.0, 1.0),
+    "max_diff": (0.0, float("inf")),
+    "max_mean_diff": (0.0, float("inf")),
+    "min_iou": (0.0, 1.0),
+    "mask_fraction": (1e-6, 1.0),
+}
+
+
+def _check_tolerances(value: Any, where: str) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: key 'snapshot' = {value!r} is invalid; expected a mapping of tolerances")
+    for name, number in value.items():
+        if name not in TOLERANCES:
+            raise ConfigError(f"{where}: unknown key 'snapshot.{name}'{_suggest(name, list(TOLERANCES))}")
+        low, high = TOLERANCES[name]
+        if isinstance(number, bool) or not isinstance(number, int | float) or not low <= number <= high:
+            raise ConfigError(
+                f"{where}: key 'snapshot.{name}' = {number!r} is invalid; expected a number in [{low}, {high}]"
+            )
+    return {name: float(number) for name, number in value.items()}
 
 
 def _check_rules(rules: Mapping[str, Any], where: str) -> None:
@@ -194,5 +220,9 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             raise ConfigError(f"{source}: the top level must be a mapping of keys to values")
         config = merge(config, data, str(source))
     if overrides:
-        config = merge(config, {k: v for k, v in overrides.items() if v is not None}, "command line")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        tolerances = {k: given.pop(k) for k in list(given) if k in TOLERANCES}
+        if tolerances:
+            given["snapshot"] = {**config.snapshot, **tolerances}
+        config = merge(config, given, "command line")
     return config

@@ -25,6 +25,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -1,0 +1,348 @@
+"""Heatmap snapshots for CI: record relevance maps once, then fail when explanations drift.
+
+A snapshot folder holds ``snapshot.json`` (model, weights hash, the settings that shape heatmaps,
+library versions, input hashes) and one ``NAME.relevance.npy.gz`` per image: the (H, W) relevance map
+divided by its largest magnitude (the scale is in the metadata) and stored in float16, gzip-compressed
+without timestamps so that recording twice gives identical files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import platform
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
+
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .config import Config
+from .data import ImageItem, discover
+from .models import LoadedModel, load_model
+from .pipeline import build_explainer, explained_batches, resolve_device
+from .render import atomic_write, colorize, normalise, png_bytes, relevance_map
+
+FORMAT = 1
+METADATA = "snapshot.json"
+# settings that change heatmaps; device, batch size, workers, colours and paths do not
+HEATMAP_KEYS = (
+    "model", "weights", "mean", "std", "composite", "rules", "topk", "renormalize", "target", "precision",
+    "resolution", "resize",
+)  # fmt: skip
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot folder that cannot be used (missing, corrupt); exit code 2."""
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Pass criteria per image; defaults absorb float noise between CPU kinds and CPU vs GPU."""
+
+    min_pearson: float = 0.98
+    max_diff: float = 0.5  # largest |current - recorded| / max |recorded|
+    max_mean_diff: float = 0.03  # mean |current - recorded| / max |recorded|
+    min_iou: float = 0.7  # overlap of the top `mask_fraction` pixels by |relevance|
+    mask_fraction: float = 0.05
+
+
+@dataclass
+class Comparison:
+    """One image's verdict."""
+
+    name: str
+    status: str  # "pass" | "drift" | "added" | "missing" | "error"
+    pearson: float | None = None
+    max_diff: float | None = None
+    mean_diff: float | None = None
+    iou: float | None = None
+    reasons: list[str] = field(default_factory=list)
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    names = ("torch", "torchvision", "timm", "numpy", "pillow")
+    found = {"lrp-heatmap": __version__, "python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def heatmap_settings(config: Config) -> dict[str, Any]:
+    return {key: getattr(config, key) for key in HEATMAP_KEYS}
+
+
+def quantise(heat: np.ndarray) -> tuple[np.ndarray, float]:
+    """Relevance values are often far below float16's range: store heat / max|heat| and the scale."""
+    scale = float(np.abs(heat).max()) or 1.0
+    return (heat / scale).astype(np.float16), scale
+
+
+def map_bytes(scaled: np.ndarray) -> bytes:
+    """float16 .npy, gzip-compressed with a zero timestamp (deterministic bytes)."""
+    raw = io.BytesIO()
+    np.save(raw, scaled)
+    packed = io.BytesIO()
+    with gzip.GzipFile(fileobj=packed, mode="wb", mtime=0, compresslevel=6) as zipped:
+        zipped.write(raw.getvalue())
+    return packed.getvalue()
+
+
+def read_map(path: Path, scale: float) -> np.ndarray:
+    try:
+        with gzip.open(path, "rb") as zipped:
+            return np.load(io.BytesIO(zipped.read()), allow_pickle=False).astype(np.float32) * np.float32(
+                scale
+            )
+    except (OSError, ValueError, EOFError) as error:
+        raise SnapshotError(f"{path}: corrupt snapshot file ({error}); record the snapshot again") from error
+
+
+def _map_name(item_name: str) -> str:
+    return f"{item_name}.relevance.npy.gz"
+
+
+def compute_maps(
+    config: Config, items: Sequence[ImageItem], loaded: LoadedModel
+) -> Iterable[tuple[ImageItem, np.ndarray | None, str | None]]:
+    """(item, (H, W) relevance map or None, error) for every item, in order."""
+    device = resolve_device(config.device)
+    loaded.module.to(device)
+    explainer = build_explainer(config, loaded)
+    for predictions, failures in explained_batches(config, items, loaded, explainer, device):
+        for item, error in failures:
+            yield item, None, error
+        for prediction in predictions:
+            yield prediction.item, relevance_map(prediction.relevance), None
+
+
+def record(config: Config, inputs: Sequence[str], directory: Path, stdin: Iterable[str] | None = None) -> int:
+    """Write a snapshot of every input's relevance map; returns the exit code (1 if any input failed)."""
+    items = discover(inputs, stdin)
+    loaded = load_model(config.model, config.weights, config.mean, config.std)
+    directory.mkdir(parents=True, exist_ok=True)
+    images: dict[str, Any] = {}
+    failed = 0
+    for item, heat, error in compute_maps(config, items, loaded):
+        name = str(item.relative)
+        if heat is None:
+            failed += 1
+            sys.stderr.write(f"lrp-heatmap: skipped {item.path}: {error}\n")
+            continue
+        scaled, scale = quantise(heat)
+        atomic_write(directory / _map_name(name), map_bytes(scaled))
+        images[name] = {
+            "file": str(item.path.name),
+            "sha256": file_hash(item.path),
+            "shape": list(heat.shape),
+            "scale": scale,
+        }
+    document = {
+        "format": FORMAT,
+        "model": loaded.name,
+        "weights_sha256": loaded.weights_hash,
+        "settings": heatmap_settings(config),
+        "versions": versions(),
+        "images": dict(sorted(images.items())),
+    }
+    atomic_write(directory / METADATA, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    return 1 if failed else 0
+
+
+def load_snapshot(directory: Path) -> dict[str, Any]:
+    path = directory / METADATA
+    if not path.is_file():
+        raise SnapshotError(f"{directory}: no {METADATA} here; record one with 'lrp-heatmap snapshot record'")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise SnapshotError(
+            f"{path}: corrupt snapshot metadata ({error}); record the snapshot again"
+        ) from error
+    required = {"format", "model", "weights_sha256", "settings", "images"}
+    if not isinstance(document, dict) or not required <= set(document):
+        raise SnapshotError(f"{path}: not a snapshot file (needs keys {', '.join(sorted(required))})")
+    if document["format"] != FORMAT:
+        raise SnapshotError(
+            f"{path}: snapshot format {document['format']} is not supported (expected {FORMAT})"
+        )
+    return document
+
+
+def metrics(recorded: np.ndarray, current: np.ndarray, fraction: float) -> dict[str, float]:
+    """Pearson r, normalised max/mean absolute difference and top-fraction mask IoU."""
+    a, b = recorded.astype(np.float64).ravel(), current.astype(np.float64).ravel()
+    scale = float(np.abs(a).max()) or 1.0
+    if a.std() == 0 or b.std() == 0:
+        pearson = 1.0 if np.array_equal(a, b) else 0.0
+    else:
+        pearson = float(np.corrcoef(a, b)[0, 1])
+    k = max(1, int(fraction * a.size))
+    mask_a = np.zeros(a.size, bool)
+    mask_b = np.zeros(a.size, bool)
+    mask_a[np.argsort(-np.abs(a), kind="stable")[:k]] = True
+    mask_b[np.argsort(-np.abs(b), kind="stable")[:k]] = True
+    iou = float((mask_a & mask_b).sum() / (mask_a | mask_b).sum())
+    difference = np.abs(a - b) / scale
+    return {
+        "pearson": pearson,
+        "max_diff": float(difference.max()),
+        "mean_diff": float(difference.mean()),
+        "iou": iou,
+    }
+
+
+def judge(name: str, values: dict[str, float], tolerances: Tolerances) -> Comparison:
+    reasons = []
+    if values["pearson"] < tolerances.min_pearson:
+        reasons.append(f"pearson {values['pearson']:.4f} < {tolerances.min_pearson}")
+    if values["max_diff"] > tolerances.max_diff:
+        reasons.append(f"max diff {values['max_diff']:.4f} > {tolerances.max_diff}")
+    if values["mean_diff"] > tolerances.max_mean_diff:
+        reasons.append(f"mean diff {values['mean_diff']:.4f} > {tolerances.max_mean_diff}")
+    if values["iou"] < tolerances.min_iou:
+        reasons.append(f"top-{tolerances.mask_fraction:g} IoU {values['iou']:.3f} < {tolerances.min_iou}")
+    return Comparison(name, "drift" if reasons else "pass", reasons=reasons, **values)
+
+
+def diff_image(recorded: np.ndarray, current: np.ndarray) -> Image.Image:
+    """Recorded | current | difference, side by side (both maps on the recorded map's scale)."""
+    scale = float(np.abs(recorded).max()) or 1.0
+    panels = [
+        colorize(np.clip(recorded / scale, -1, 1), signed=True),
+        colorize(np.clip(current / scale, -1, 1), signed=True),
+        colorize(normalise(current - recorded, signed=True), signed=True, colormap="PiYG"),
+    ]
+    height, width = recorded.shape
+    canvas = np.full((height, 3 * width + 8, 3), 255, np.uint8)
+    for index, panel in enumerate(panels):
+        canvas[:, index * (width + 4) : index * (width + 4) + width] = panel
+    return Image.fromarray(canvas, "RGB")
+
+
+@dataclass
+class CheckReport:
+    comparisons: list[Comparison]
+    changes: list[str]  # model / weights / settings differences
+
+    @property
+    def passed(self) -> bool:
+        return not self.changes and all(c.status == "pass" for c in self.comparisons)
+
+
+def check(
+    config: Config,
+    inputs: Sequence[str],
+    directory: Path,
+    tolerances: Tolerances,
+    diff_dir: Path | None = None,
+    stdin: Iterable[str] | None = None,
+) -> CheckReport:
+    """Recompute every input's map and compare it with the snapshot."""
+    document = load_snapshot(directory)
+    items = discover(inputs, stdin)
+    loaded = load_model(config.model, config.weights, config.mean, config.std)
+    changes = []
+    if document["model"] != loaded.name:
+        changes.append(f"model changed: recorded {document['model']!r}, now {loaded.name!r}")
+        return CheckReport([], changes)
+    if document["weights_sha256"] != loaded.weights_hash:
+        changes.append(f"weights changed: recorded {document['weights_sha256']}, now {loaded.weights_hash}")
+    settings = heatmap_settings(config)
+    for key in HEATMAP_KEYS:
+        if document["settings"].get(key) != settings[key]:
+            changes.append(
+                f"setting {key!r} changed: recorded {document['settings'].get(key)!r}, now {settings[key]!r}"
+            )
+    recorded_images: dict[str, Any] = document["images"]
+    comparisons = []
+    seen = set()
+    for item, heat, error in compute_maps(config, items, loaded):
+        name = str(item.relative)
+        seen.add(name)
+        if name not in recorded_images:
+            comparisons.append(
+                Comparison(name, "added", reasons=["not in the snapshot (record again to add it)"])
+            )
+            continue
+        if heat is None:
+            comparisons.append(Comparison(name, "error", reasons=[error or "could not be read"]))
+            continue
+        recorded = read_map(directory / _map_name(name), float(recorded_images[name].get("scale", 1.0)))
+        scaled, scale = quantise(heat)
+        current = scaled.astype(np.float32) * np.float32(scale)  # the same quantisation as the recording
+        if recorded.shape != current.shape:
+            comparisons.append(
+                Comparison(
+                    name, "drift", reasons=[f"shape {current.shape} differs from recorded {recorded.shape}"]
+                )
+            )
+            continue
+        result = judge(name, metrics(recorded, current, tolerances.mask_fraction), tolerances)
+        if recorded_images[name].get("sha256") != file_hash(item.path):
+            result.status = "drift"
+            result.reasons.insert(0, "input file changed since recording")
+        if result.status != "pass" and diff_dir is not None:
+            atomic_write(diff_dir / f"{name}.diff.png", png_bytes(diff_image(recorded, current)))
+        comparisons.append(result)
+    for name in sorted(set(recorded_images) - seen):
+        comparisons.append(Comparison(name, "missing", reasons=["recorded but not among the inputs"]))
+    return CheckReport(comparisons, changes)
+
+
+def format_table(report: CheckReport) -> str:
+    def number(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [f"CHANGED: {change}" for change in report.changes]
+    header = f"{'image':<32} {'pearson':>8} {'max diff':>9} {'mean diff':>9} {'IoU':>6}  result"
+    lines += [header, "-" * len(header)]
+    for c in report.comparisons:
+        verdict = "PASS" if c.status == "pass" else f"FAIL ({c.status}: {'; '.join(c.reasons)})"
+        lines.append(
+            f"{c.name:<32} {number(c.pearson, 4):>8} {number(c.max_diff, 4):>9} "
+            f"{number(c.mean_diff, 4):>9} {number(c.iou, 3):>6}  {verdict}"
+        )
+    failed = sum(c.status != "pass" for c in report.comparisons)
+    lines.append(f"{len(report.comparisons) - failed} passed, {failed} failed")
+    return "\n".join(lines)
+
+
+def junit_xml(report: CheckReport) -> bytes:
+    failures = sum(c.status != "pass" for c in report.comparisons) + (1 if report.changes else 0)
+    suite = ElementTree.Element(
+        "testsuite",
+        name="lrp-heatmap snapshot",
+        tests=str(len(report.comparisons) + 1),
+        failures=str(failures),
+    )
+    meta = ElementTree.SubElement(suite, "testcase", classname="snapshot", name="model-and-settings")
+    if report.changes:
+        ElementTree.SubElement(meta, "failure", message="; ".join(report.changes)).text = "\n".join(
+            report.changes
+        )
+    for c in report.comparisons:
+        case = ElementTree.SubElement(suite, "testcase", classname="snapshot", name=c.name)
+        if c.status != "pass":
+            message = f"{c.status}: {'; '.join(c.reasons)}"
+            ElementTree.SubElement(case, "failure", message=message).text = json.dumps(asdict(c))
+    return ElementTree.tostring(suite, encoding="utf-8", xml_declaration=True)
