@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 SAMPLE_SIZE = 16384  # entries per sample used to guess a safe lower bound for the threshold
 EXACT_BELOW = 65536  # small layers: plain selection is already cheap
@@ -28,15 +29,12 @@ def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     size = sample.shape[1]
     rank = min(size, int(2.0 * k / numel * size) + 64)  # generous: aim at about twice k candidates
     bound = sample.kthvalue(size - rank + 1, dim=1, keepdim=True).values
-    above = flat > bound
-    count_above = above.sum(dim=1).tolist()
-    count_at_least = (flat >= bound).sum(dim=1).tolist()
     values = []
     for row in range(rows):
-        if count_above[row] >= k:  # the k-th largest is strictly above the bound: select among those
-            pool = flat[row][above[row]]
+        pool = flat[row][flat[row] > bound[row]]
+        if pool.numel() >= k:  # the k-th largest is strictly above the bound: select among those
             values.append(pool.kthvalue(pool.numel() - k + 1).values)
-        elif count_at_least[row] >= k:  # fewer than k above, at least k at or above: it is the bound
+        elif int(torch.count_nonzero(flat[row] >= bound[row])) >= k:  # fewer above, enough at it: ties
             values.append(bound[row, 0])
         else:  # the sample overshot: exact selection over the whole row
             values.append(flat[row].kthvalue(numel - k + 1).values)
@@ -65,7 +63,10 @@ def relevance_filter(
         return relevance
     threshold = kth_largest(flat, k)
     before = flat.sum(dim=1, keepdim=True) if renormalize else None
-    flat.masked_fill_(flat < threshold, 0.0)
+    # x > nextafter(t, -inf) is x >= t: threshold_ zeroes the rest in one fused in-place pass per row
+    below = torch.nextafter(threshold, torch.full_like(threshold, -float("inf"))).tolist()
+    for row, (limit,) in enumerate(below):
+        F.threshold_(flat[row], limit, 0.0)
     if before is not None:
         after = flat.sum(dim=1, keepdim=True)
         flat.mul_(torch.where(after != 0, before / torch.where(after != 0, after, 1.0), 0.0))
