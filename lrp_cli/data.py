@@ -159,21 +159,25 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]:
+        """(index, normalised model input, the decoded photo as uint8 HxWx3 for the overlay, error)."""
         try:
-            image = prepare(decode(self.items[index].path, self.max_pixels), self.resolution, self.policy)
+            photo = decode(self.items[index].path, self.max_pixels)
         except (ValueError, OSError) as error:
-            return index, None, str(error)
+            return index, None, None, str(error)
+        image = prepare(photo, self.resolution, self.policy)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-        return index, (pixels - self.mean) / self.std, None
+        return index, (pixels - self.mean) / self.std, torch.from_numpy(np.asarray(photo).copy()), None
 
 
-def collate(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> dict[str, Any]:
-    good = [(i, t) for i, t, _ in batch if t is not None]
+def collate(batch: list[tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]]) -> dict[str, Any]:
+    """Stack the decodable images; keep photos (of any size) as a list and failures aside."""
+    good = [(i, t, photo) for i, t, photo, _ in batch if t is not None]
     return {
-        "indices": [i for i, _ in good],
-        "pixels": torch.stack([t for _, t in good]) if good else None,
-        "failures": [(i, e) for i, _, e in batch if e is not None],
+        "indices": [i for i, _, _ in good],
+        "pixels": torch.stack([t for _, t, _ in good]) if good else None,
+        "photos": [photo for _, _, photo in good],
+        "failures": [(i, e) for i, _, _, e in batch if e is not None],
     }
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .data import ImageDataset, ImageItem, decode, discover, make_loader
+from .data import ImageDataset, ImageItem, discover, make_loader
 from .lrp import Explainer, get_composite
 from .models import LoadedModel, load_model
 from .render import atomic_write, heatmap_image, npy_bytes, overlay_image, png_bytes, relevance_map
@@ -64,6 +64,7 @@ class Prediction:
 
     item: ImageItem
     relevance: np.ndarray  # (C, H, W) float32
+    photo: np.ndarray  # the decoded photo, uint8 (H, W, 3), for the overlay
     class_index: int
     probability: float
     target: int | str
@@ -108,6 +109,7 @@ def explained_batches(
                     Prediction(
                         items[index],
                         relevance[row],
+                        batch["photos"][row].numpy(),
                         int(top[row]),
                         float(probabilities[row, top[row]]),
                         explained if explained >= 0 else "softmax",
@@ -126,8 +128,9 @@ def render_outputs(
     paths = output_paths(out_dir, item, config.save_relevance)
     heat = relevance_map(prediction.relevance)
     atomic_write(paths["heatmap"], png_bytes(heatmap_image(heat, signed, config.colormap)))
-    photo = decode(item.path, config.max_pixels)
-    overlay = overlay_image(photo, heat, signed, config.resize, config.overlay_alpha, config.colormap)
+    overlay = overlay_image(
+        prediction.photo, heat, signed, config.resize, config.overlay_alpha, config.colormap
+    )
     atomic_write(paths["overlay"], png_bytes(overlay))
     if "relevance" in paths:
         atomic_write(paths["relevance"], npy_bytes(prediction.relevance.astype(np.float32)))

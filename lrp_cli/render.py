@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -34,7 +35,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
+    image.save(buffer, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)  # fast, still compact
     return buffer.getvalue()
 
 
@@ -56,12 +57,21 @@ def normalise(heat: np.ndarray, signed: bool) -> np.ndarray:
     return np.clip(heat / scale, -1.0 if signed else 0.0, 1.0)
 
 
+def _lookup_table(name: str) -> np.ndarray:
+    """The colormap sampled at 256 levels as uint8 RGB: indexing it is far cheaper than calling it."""
+    return (matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+_TABLES: dict[str, np.ndarray] = {}
+
+
 def colorize(normalised: np.ndarray, signed: bool, colormap: str = "auto") -> np.ndarray:
     """RGB uint8 image of a normalised map."""
     name = colormap if colormap != "auto" else SIGNED_COLORMAP if signed else UNSIGNED_COLORMAP
-    values = (normalised + 1.0) / 2.0 if signed else normalised
-    rgba = matplotlib.colormaps[name](values)
-    return (rgba[..., :3] * 255.0 + 0.5).astype(np.uint8)
+    if name not in _TABLES:
+        _TABLES[name] = _lookup_table(name)
+    values = (normalised + 1.0) * 127.5 if signed else normalised * 255.0
+    return _TABLES[name][np.clip(values + 0.5, 0, 255).astype(np.uint8)]
 
 
 def heatmap_image(heat: np.ndarray, signed: bool, colormap: str = "auto") -> Image.Image:
@@ -69,24 +79,23 @@ def heatmap_image(heat: np.ndarray, signed: bool, colormap: str = "auto") -> Ima
 
 
 def overlay_image(
-    photo: Image.Image, heat: np.ndarray, signed: bool, policy: str, alpha: float, colormap: str = "auto"
+    photo: np.ndarray, heat: np.ndarray, signed: bool, policy: str, alpha: float, colormap: str = "auto"
 ) -> Image.Image:
-    """The heatmap blended onto the photo at the photo's own size and orientation.
+    """The heatmap blended onto the photo (uint8 H x W x 3) at the photo's own size and orientation.
 
     Each pixel's blend weight grows with |relevance|, so irrelevant regions show the photo unchanged.
     With the ``crop`` policy only the explained centre square carries a heatmap.
     """
-    width, height = photo.size
+    height, width = photo.shape[:2]
     left, top, right, bottom = (0, 0, width, height) if policy == "squash" else crop_box(width, height)
     norm = normalise(heat, signed).astype(np.float32)
     resized = np.asarray(
         Image.fromarray(norm, "F").resize((right - left, bottom - top), Image.Resampling.BILINEAR),
         dtype=np.float32,
     )
-    full = np.zeros((height, width), dtype=np.float32)
-    full[top:bottom, left:right] = resized
-    colours = colorize(full, signed, colormap).astype(np.float32)
-    weight = (alpha * np.abs(full))[..., None]
-    base = np.asarray(photo, dtype=np.float32)
-    blended = base * (1.0 - weight) + colours * weight
-    return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), "RGB")
+    blended = photo.copy()
+    region = blended[top:bottom, left:right]
+    weight = (alpha * np.abs(resized))[..., None]
+    colours = colorize(resized, signed, colormap)
+    region[...] = region + weight * (colours.astype(np.float32) - region) + 0.5
+    return Image.fromarray(blended, "RGB")
