@@ -366,3 +366,16 @@ def test_architectures_run_and_reproduce_logits(arch):
     assert torch.isfinite(result.relevance).all()
     totals = result.relevance.sum(dim=(1, 2, 3))
     assert (totals > 0.5).all() and (totals < 1.5).all(), totals
+
+
+def test_first_layer_rule_reaches_through_leading_shape_ops():
+    """A layer fed by the image through identity/dropout still counts as the first layer."""
+    torch.manual_seed(0)
+    conv, linear = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 5)
+    direct = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), linear)
+    wrapped = nn.Sequential(nn.Identity(), nn.Dropout(), conv, nn.ReLU(), nn.Flatten(), linear)
+    x = torch.randn(2, 3, 8, 8)
+    expected = explain(direct, x, composite="epsilon-plus-flat", target=1)
+    torch.testing.assert_close(explain(wrapped, x, composite="epsilon-plus-flat", target=1), expected)
+    with_input_rule = explain(wrapped, x, composite="epsilon", target=1)
+    assert not torch.allclose(with_input_rule, expected)  # so the flat first-layer rule was really applied

@@ -349,9 +349,14 @@ class ProgramBuilder:
             self.steps[node] = self._step(node)
         program = Program(list(self.steps.values()), placeholders[0], output, self.gm)
         program.weighted = [s.op for s in program.steps if isinstance(s.op, Weighted)]
+        # "first" layers see the image itself, possibly through shape or element-wise ops before them
+        raw = {placeholders[0]}
         for step in program.steps:
-            if isinstance(step.op, Weighted) and placeholders[0] in step.node.all_input_nodes:
-                step.op.first = True
+            if any(source in raw for source in step.node.all_input_nodes):
+                if isinstance(step.op, Weighted):
+                    step.op.first = True
+                else:
+                    raw.add(step.node)
         return program
 
     # sign and gate knowledge flows forward through ops that keep values' signs
