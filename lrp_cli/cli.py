@@ -18,7 +18,7 @@ from .config import ConfigError, load_config
 from .data import InputError
 from .lrp import UnsupportedOperationError
 from .models import ModelError
-from .pipeline import EXIT_USAGE, RunError, run
+from .pipeline import EXIT_INTERRUPTED, EXIT_USAGE, RunError, run
 from .render import atomic_write
 from .snapshot import SnapshotError, Tolerances, check, format_table, junit_xml, record
 
@@ -124,6 +124,9 @@ def with_config_options(command: Callable[..., None]) -> Callable[..., None]:
             UnsupportedOperationError,
         ) as error:
             raise fail(str(error)) from None
+        except KeyboardInterrupt:  # before the first image (model load, tracing): nothing written yet
+            typer.echo("lrp-heatmap: interrupted", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     wrapper.__signature__ = signature.replace(parameters=own + shared)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in own} | CONFIG_OPTIONS

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +294,59 @@ def test_entry_points_and_help():
         [sys.executable, "-m", "lrp_cli", "--help"], capture_output=True, text=True, cwd=ROOT
     )
     assert module.returncode == 0 and "run" in module.stdout
+
+
+def test_ctrl_c_keeps_finished_outputs_and_resume_completes(tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+    out = tmp_path / "out"
+    args = [
+        sys.executable,
+        "-c",
+        GUARD,
+        "run",
+        str(folder),
+        "-o",
+        str(out),
+        "--workers",
+        "0",
+        "-b",
+        "1",
+        "--resolution",
+        "64",
+        "--quiet",
+    ]
+    process = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env={**os.environ, "LRP_HEATMAP_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    manifest_file = out / "manifest.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if manifest_file.exists() and len(manifest_file.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr
+    finished = manifest(out)
+    assert 3 <= len(finished) < 40
+    for record in finished:  # every recorded output is a whole, readable PNG
+        for path in record["outputs"].values():
+            Image.open(path).verify()
+    assert not list(out.rglob("*.tmp"))
+    resumed = cli(
+        "run", str(folder), "-o", str(out), "--workers", "0", "--resolution", "64", "--resume", "--json"
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    redone = [json.loads(line)["path"] for line in resumed.stdout.splitlines()]
+    assert not {r["path"] for r in finished} & set(redone)
+    assert sorted(r["path"] for r in manifest(out)) == sorted(str(p.resolve()) for p in folder.iterdir())
