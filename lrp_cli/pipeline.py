@@ -98,7 +98,10 @@ def explained_batches(
         if batch["pixels"] is not None:
             started = time.perf_counter()
             pixels = batch["pixels"].to(device, non_blocking=True)
-            result = explainer(pixels, target)
+            try:
+                result = explainer(pixels, target)
+            except ValueError as error:  # e.g. a target class the model does not have
+                raise RunError(f"cannot explain with target {target!r}: {error}") from error
             probabilities = result.logits.float().softmax(dim=1)
             top = probabilities.argmax(dim=1)
             relevance = result.relevance.float().cpu().numpy()

@@ -252,6 +252,8 @@ def test_shipped_photos_run_with_seed_composite(tmp_path):
         (["--model", "vgg16"], "--weights FILE"),
         (["--model", "no.such.module:factory"], "cannot import"),
         (["--colormap", "virdis"], "did you mean 'viridis'"),
+        (["--target", "5000"], "target class out of range 0..999"),
+        (["--resolution", "8"], "'resolution' = 8 is invalid; expected a value in [16, 4096]"),
     ],
 )
 def test_usage_errors_exit_2_with_a_clear_message(args, message, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,7 +34,7 @@ class WeightedLayer:
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     pad_mode: str = "zeros"
-    _cache: dict[tuple, torch.Tensor | None] = field(default_factory=dict, repr=False)
+    _cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict, repr=False)
 
     def explicit_pads(self, height: int, width: int) -> tuple[int, int, int, int] | None:
         """Pads (left, right, top, bottom) applied before the convolution, or None for built-in padding."""
@@ -87,7 +88,13 @@ class WeightedLayer:
             return grad[..., top : grad.shape[-2] - bottom, left : grad.shape[-1] - right]
         return _pad_adjoint(grad, input_shape, pads, self.pad_mode)
 
-    def params(self, weight_mod, bias_mod, dtype: torch.dtype, memory_format: torch.memory_format):
+    def params(
+        self,
+        weight_mod: Callable[[torch.Tensor], torch.Tensor],
+        bias_mod: Callable[[torch.Tensor], torch.Tensor],
+        dtype: torch.dtype,
+        memory_format: torch.memory_format,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Modified (weight, bias) in the compute dtype, cached: weights do not change between batches."""
         key = (weight_mod, bias_mod, dtype, memory_format)
         if key not in self._cache:
