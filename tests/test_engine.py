@@ -379,3 +379,13 @@ def test_first_layer_rule_reaches_through_leading_shape_ops():
     torch.testing.assert_close(explain(wrapped, x, composite="epsilon-plus-flat", target=1), expected)
     with_input_rule = explain(wrapped, x, composite="epsilon", target=1)
     assert not torch.allclose(with_input_rule, expected)  # so the flat first-layer rule was really applied
+
+
+def test_engine_does_not_import_the_command_line():
+    import subprocess
+    import sys
+
+    code = "import sys, lrp_cli.lrp; print(sorted(m for m in sys.modules if m.startswith(('typer', 'lrp_cli.'))))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "typer" not in loaded and "lrp_cli.cli" not in loaded and "lrp_cli.pipeline" not in loaded
+    assert "lrp_cli.lrp.engine" in loaded

@@ -504,7 +504,7 @@ class ProgramBuilder:
             and isinstance(producer.op, Weighted)
             and producer.op.layer_type in ("conv", "linear")
             and len(source.users) == 1
-            and not getattr(producer.op, "folded", False)
+            and not producer.op.folded
         ):
             layer = producer.op.layer
             shape = (-1,) + (1,) * (layer.weight.dim() - 1)

@@ -230,6 +230,7 @@ class Weighted(Op):
         self.keeps = "inputs"
         self.rule: Any = None
         self.first = False  # consumes the model input directly
+        self.folded = False  # a batch norm has been folded into its parameters
 
     def propagate(self, relevance, inputs, output, ctx):
         return [ctx.apply_rule(self, inputs[0], relevance, output)]
