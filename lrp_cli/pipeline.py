@@ -23,7 +23,6 @@ from .render import atomic_write, heatmap_image, npy_bytes, overlay_image, png_b
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 MANIFEST = "manifest.jsonl"
-OUTPUT_KINDS = ("heatmap", "overlay", "relevance")
 
 
 class RunError(RuntimeError):
@@ -44,10 +43,13 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def build_explainer(config: Config, loaded: LoadedModel) -> Explainer:
-    """The engine as the config describes it (composite preset plus rule overrides)."""
+def prepare_engine(config: Config, loaded: LoadedModel) -> tuple[torch.device, Explainer]:
+    """The configured device, with the model on it, and the engine as the config describes it
+    (composite preset plus rule overrides)."""
+    device = resolve_device(config.device)
+    loaded.module.to(device)
     composite = get_composite(config.composite).with_overrides(config.rules)
-    return Explainer(
+    return device, Explainer(
         loaded.module,
         composite,
         config.topk,
@@ -227,10 +229,8 @@ def run(
     if resume:
         done = completed_paths(manifest)
         items = [item for item in items if str(item.path) not in done]
-    device = resolve_device(config.device)
     loaded = load_model(config.model, config.weights, config.mean, config.std)
-    loaded.module.to(device)
-    explainer = build_explainer(config, loaded)
+    device, explainer = prepare_engine(config, loaded)
     signed = explainer.composite.signed
     reporter = Reporter(manifest, append=resume, json_out=sys.stdout if json_output else None, err=sys.stderr)
     bar = None

@@ -28,7 +28,7 @@ from . import __version__
 from .config import Config
 from .data import ImageItem, discover
 from .models import LoadedModel, load_model
-from .pipeline import build_explainer, explained_batches, resolve_device
+from .pipeline import explained_batches, prepare_engine
 from .render import atomic_write, colorize, normalise, png_bytes, relevance_map
 
 FORMAT = 1
@@ -125,9 +125,7 @@ def compute_maps(
     config: Config, items: Sequence[ImageItem], loaded: LoadedModel
 ) -> Iterable[tuple[ImageItem, np.ndarray | None, str | None]]:
     """(item, (H, W) relevance map or None, error) for every item, in order."""
-    device = resolve_device(config.device)
-    loaded.module.to(device)
-    explainer = build_explainer(config, loaded)
+    device, explainer = prepare_engine(config, loaded)
     for predictions, failures in explained_batches(config, items, loaded, explainer, device):
         for item, error in failures:
             yield item, None, error

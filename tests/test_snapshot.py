@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from test_cli import ROOT, SAMPLES, cli
 
-from lrp_cli.config import load_config
+from lrp_cli.config import ConfigError, load_config
 from lrp_cli.snapshot import Tolerances, judge, metrics
 from lrp_cli.testing import assert_heatmaps_match
 
@@ -213,6 +213,6 @@ def test_snapshot_tolerance_config_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("snapshot: {min_pearsn: 0.9}\n")
     with pytest.raises(
-        Exception, match=r"unknown key 'snapshot.min_pearsn' \(did you mean 'min_pearson'\?\)"
+        ConfigError, match=r"unknown key 'snapshot.min_pearsn' \(did you mean 'min_pearson'\?\)"
     ):
         load_config(bad)

@@ -106,6 +106,7 @@ class Explainer:
         self._assign_rules()
         self._last_use = self._last_forward_use()
         self._constant_terms: dict[tuple, torch.Tensor] = {}
+        self._constant_inputs: dict[tuple, torch.Tensor] = {}
 
     # --- set-up ---------------------------------------------------------------------------------
 
@@ -355,17 +356,18 @@ class Explainer:
             return a.clamp(min=0)
         if kind == "negative":
             return a.clamp(max=0)
-        if kind == "ones":
-            return torch.ones(a.shape, dtype=self._dtype, device=a.device).contiguous(
-                memory_format=self._memory_format if len(a.shape) == 4 else torch.contiguous_format
-            )
-        low, high = self._box(rule)
-        bound = low if kind == "low" else high
-        return (
-            bound.to(device=a.device, dtype=self._dtype)
-            .expand(a.shape)
-            .contiguous(memory_format=self._memory_format if len(a.shape) == 4 else torch.contiguous_format)
-        )
+        # ones and box bounds do not depend on the image: built once per shape, dtype and layout
+        key = (kind, rule, tuple(a.shape), self._dtype, a.device, self._memory_format)
+        if key not in self._constant_inputs:
+            if kind == "ones":
+                constant = torch.ones(a.shape, dtype=self._dtype, device=a.device)
+            else:
+                low, high = self._box(rule)
+                bound = low if kind == "low" else high
+                constant = bound.to(device=a.device, dtype=self._dtype).expand(a.shape)
+            layout = self._memory_format if len(a.shape) == 4 else torch.contiguous_format
+            self._constant_inputs[key] = constant.contiguous(memory_format=layout)
+        return self._constant_inputs[key]
 
     def _box(self, rule: Rule) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(rule, ZBox) and rule.low is not None and rule.high is not None:

@@ -21,10 +21,6 @@ class UnsupportedOperationError(NotImplementedError):
     """Raised for a graph node that has no relevance propagation, so no heatmap is silently wrong."""
 
 
-def tensor_args(values: Sequence[Any]) -> list[torch.Tensor]:
-    return [v for v in values if isinstance(v, torch.Tensor)]
-
-
 def vjp(fn: Callable[..., Any], inputs: Sequence[Any], cotangent: Any) -> Relevances:
     """Vector-Jacobian product of ``fn`` at ``inputs``, one entry per input (None for non-tensors).
 
