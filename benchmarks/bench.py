@@ -130,6 +130,9 @@ def engines(args: argparse.Namespace) -> dict[str, float]:
     ours_reused = measure("lrp-heatmap seed, topk 1.0 (reused)", lambda: seed(x))
     filtered = Explainer(vgg, "seed", 0.05)
     ours_topk = measure("lrp-heatmap seed, topk 0.05 (reused)", lambda: filtered(x))
+    direct = Explainer(vgg, "seed", 1.0, winograd=False)
+    ours_direct = measure("lrp-heatmap seed, direct convs (reused)", lambda: direct(x))
+    winograd_r = min(pearson(a, b) for a, b in zip(seed(x).relevance, direct(x).relevance))
     zplus = Explainer(vgg, "zplus", 1.0)
     measure("lrp-heatmap zplus (reused)", lambda: zplus(x))
     zennit = measure("Zennit z+", zennit_zplus(vgg, x))
@@ -141,6 +144,7 @@ def engines(args: argparse.Namespace) -> dict[str, float]:
         "zennit": zennit,
         "captum": captum,
         "ours_with_tracing": ours,
+        "ours_direct": ours_direct,
     }
     if args.bf16:
         low = Explainer(vgg, "seed", 1.0, precision="bf16")
@@ -158,6 +162,9 @@ def engines(args: argparse.Namespace) -> dict[str, float]:
     print(f"  ours / Captum LRP         {ours_reused / captum:5.2f}x")
     print(f"  ours / (forward / 3)      {ours_reused / (best_forward / 3):5.2f}")
     print(f"  topk 0.05 cost over 1.0   {(ours_reused / ours_topk - 1) * 100:+5.1f} %")
+    print(
+        f"  Winograd over direct      {ours_reused / ours_direct:5.2f}x, heatmaps Pearson r min {winograd_r:.6f}"
+    )
     if args.bf16:
         print(f"  bf16 / Zennit z+          {figures['bf16'] / zennit:5.2f}x")
     print()

@@ -48,6 +48,7 @@ ResizeOpt = Annotated[str | None, typer.Option(help="squash (whole photo) or cro
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per batch.")]
 WorkersOpt = Annotated[int | None, typer.Option(help="DataLoader worker processes (0 = decode in-process).")]
 ColormapOpt = Annotated[str | None, typer.Option(help="Matplotlib colormap, or auto (afmhot / bwr).")]
+OverlayFormatOpt = Annotated[str | None, typer.Option(help="Overlay files: jpg (quality 90) or png.")]
 OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output folder.")]
 
 
@@ -74,6 +75,10 @@ def fail(message: str) -> typer.Exit:
 SaveRelevanceOpt = Annotated[
     bool | None, typer.Option("--save-relevance/--no-save-relevance", help="Also write NAME.relevance.npy.")
 ]
+WinogradOpt = Annotated[
+    bool | None,
+    typer.Option("--winograd/--no-winograd", help="Winograd for wide 3x3 convolutions on the CPU."),
+]
 RenormalizeOpt = Annotated[
     bool | None,
     typer.Option("--renormalize/--no-renormalize", help="Rescale filtered relevance to its total."),
@@ -86,11 +91,13 @@ CONFIG_OPTIONS: dict[str, Any] = {
     "target": TargetOpt,
     "device": DeviceOpt,
     "precision": PrecisionOpt,
+    "winograd": WinogradOpt,
     "resolution": ResolutionOpt,
     "resize": ResizeOpt,
     "batch_size": BatchOpt,
     "workers": WorkersOpt,
     "colormap": ColormapOpt,
+    "overlay_format": OverlayFormatOpt,
     "output": OutputOpt,
     "save_relevance": SaveRelevanceOpt,
     "renormalize": RenormalizeOpt,

@@ -16,6 +16,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 PRECISIONS = ("fp32", "bf16", "fp16")
 RESIZE_POLICIES = ("squash", "crop")
 MAXPOOL_MODES = ("winner", "average")
+OVERLAY_FORMATS = ("jpg", "png")
 
 
 class ConfigError(ValueError):
@@ -37,12 +38,14 @@ class Config:
     target: int | str | None = None
     device: str = "auto"
     precision: str = "fp32"
+    winograd: bool = True
     resolution: int = 224
     resize: str = "squash"
     batch_size: int = 8
     workers: int = 2
     colormap: str = "auto"
     overlay_alpha: float = 0.6
+    overlay_format: str = "jpg"
     save_relevance: bool = False
     output: str = "output"
     max_pixels: int = 89_478_485
@@ -101,9 +104,11 @@ def _check(key: str, value: Any, where: str) -> Any:
         return choice(PRECISIONS)
     if key == "resize":
         return choice(RESIZE_POLICIES)
+    if key == "overlay_format":
+        return choice(OVERLAY_FORMATS)
     if key == "composite":
         return choice(tuple(sorted(COMPOSITES)))
-    if key in ("renormalize", "save_relevance"):
+    if key in ("renormalize", "save_relevance", "winograd"):
         if not isinstance(value, bool):
             raise fail("true or false")
         return value

@@ -19,7 +19,15 @@ from .config import Config
 from .data import ImageDataset, ImageItem, discover, make_loader
 from .lrp import Explainer, get_composite
 from .models import LoadedModel, load_model
-from .render import atomic_write, heatmap_image, npy_bytes, overlay_image, png_bytes, relevance_map
+from .render import (
+    atomic_write,
+    heatmap_image,
+    jpeg_bytes,
+    npy_bytes,
+    overlay_image,
+    png_bytes,
+    relevance_map,
+)
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 MANIFEST = "manifest.jsonl"
@@ -55,6 +63,7 @@ def prepare_engine(config: Config, loaded: LoadedModel) -> tuple[torch.device, E
         config.topk,
         renormalize=config.renormalize,
         precision=config.precision,  # type: ignore[arg-type]
+        winograd=config.winograd,
         mean=loaded.mean,
         std=loaded.std,
     )
@@ -73,10 +82,13 @@ class Prediction:
     compute_ms: float
 
 
-def output_paths(out_dir: Path, item: ImageItem, save_relevance: bool) -> dict[str, Path]:
+def output_paths(out_dir: Path, item: ImageItem, config: Config) -> dict[str, Path]:
     stem = str(item.relative)
-    paths = {"heatmap": out_dir / f"{stem}.heatmap.png", "overlay": out_dir / f"{stem}.overlay.png"}
-    if save_relevance:
+    paths = {
+        "heatmap": out_dir / f"{stem}.heatmap.png",
+        "overlay": out_dir / f"{stem}.overlay.{config.overlay_format}",
+    }
+    if config.save_relevance:
         paths["relevance"] = out_dir / f"{stem}.relevance.npy"
     return paths
 
@@ -130,13 +142,13 @@ def render_outputs(
     """Write one image's files (atomically) and return its manifest record."""
     started = time.perf_counter()
     item = prediction.item
-    paths = output_paths(out_dir, item, config.save_relevance)
+    paths = output_paths(out_dir, item, config)
     heat = relevance_map(prediction.relevance)
     atomic_write(paths["heatmap"], png_bytes(heatmap_image(heat, signed, config.colormap)))
     overlay = overlay_image(
         prediction.photo, heat, signed, config.resize, config.overlay_alpha, config.colormap
     )
-    atomic_write(paths["overlay"], png_bytes(overlay))
+    atomic_write(paths["overlay"], jpeg_bytes(overlay) if config.overlay_format == "jpg" else png_bytes(overlay))
     if "relevance" in paths:
         atomic_write(paths["relevance"], npy_bytes(prediction.relevance.astype(np.float32)))
     ms = prediction.compute_ms + (time.perf_counter() - started) * 1000.0

@@ -17,6 +17,7 @@ from .data import crop_box
 UNSIGNED_COLORMAP = "afmhot"  # the seed's choice: black (none) to white (most relevant)
 SIGNED_COLORMAP = "bwr"  # blue negative, white zero, red positive
 SCALE_PERCENTILE = 99.5  # a few extreme pixels must not wash out the rest of the map
+JPEG_QUALITY = 90
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -36,6 +37,13 @@ def atomic_write(path: Path, data: bytes) -> None:
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)  # fast, still compact
+    return buffer.getvalue()
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    """Photo-like overlays: a tenth of the encoding time and a quarter of the size of a PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 
@@ -84,18 +92,16 @@ def overlay_image(
     """The heatmap blended onto the photo (uint8 H x W x 3) at the photo's own size and orientation.
 
     Each pixel's blend weight grows with |relevance|, so irrelevant regions show the photo unchanged.
-    With the ``crop`` policy only the explained centre square carries a heatmap.
+    With the ``crop`` policy only the explained centre square carries a heatmap. The colours and the
+    weights are scaled up and blended by Pillow in uint8, which costs a few milliseconds per photo.
     """
     height, width = photo.shape[:2]
-    left, top, right, bottom = (0, 0, width, height) if policy == "squash" else crop_box(width, height)
-    norm = normalise(heat, signed).astype(np.float32)
-    resized = np.asarray(
-        Image.fromarray(norm, "F").resize((right - left, bottom - top), Image.Resampling.BILINEAR),
-        dtype=np.float32,
-    )
-    blended = photo.copy()
-    region = blended[top:bottom, left:right]
-    weight = (alpha * np.abs(resized))[..., None]
-    colours = colorize(resized, signed, colormap)
-    region[...] = region + weight * (colours.astype(np.float32) - region) + 0.5
-    return Image.fromarray(blended, "RGB")
+    box = (0, 0, width, height) if policy == "squash" else crop_box(width, height)
+    size = (box[2] - box[0], box[3] - box[1])
+    norm = normalise(heat, signed)
+    colours = Image.fromarray(colorize(norm, signed, colormap), "RGB").resize(size, Image.Resampling.BILINEAR)
+    weight = (np.abs(norm) * (alpha * 255.0) + 0.5).astype(np.uint8)
+    mask = Image.fromarray(weight, "L").resize(size, Image.Resampling.BILINEAR)
+    blended = Image.fromarray(photo, "RGB").copy()
+    blended.paste(colours, box[:2], mask)
+    return blended

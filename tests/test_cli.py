@@ -16,7 +16,8 @@ import yaml
 from PIL import Image
 
 from lrp_cli.config import Config, ConfigError, load_config
-from lrp_cli.data import decode, discover
+from lrp_cli.data import crop_box, decode, discover
+from lrp_cli.render import overlay_image
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "input"
@@ -143,8 +144,9 @@ def test_run_writes_every_output_with_the_right_sizes(images, tmp_path):
         source = Path(record["path"])
         heatmap = Image.open(record["outputs"]["heatmap"])
         overlay = Image.open(record["outputs"]["overlay"])
-        assert heatmap.size == (64, 64)
-        assert overlay.size == decode(source, 10**8).size
+        assert heatmap.size == (64, 64) and heatmap.format == "PNG"
+        assert overlay.size == decode(source, 10**8).size and overlay.format == "JPEG"
+        assert record["outputs"]["overlay"].endswith(".overlay.jpg")
         relevance = np.load(record["outputs"]["relevance"])
         assert relevance.shape == (3, 64, 64) and relevance.dtype == np.float32
         assert record["relevance_sum"] == pytest.approx(float(relevance.sum(dtype=np.float64)), rel=1e-5)
@@ -232,11 +234,35 @@ def test_embedded_model_sees_the_cat(tmp_path):
 
 def test_shipped_photos_run_with_seed_composite(tmp_path):
     out = tmp_path / "out"
-    result = cli("run", str(SAMPLES), "-o", str(out), "--composite", "seed", "--topk", "0.05", "--quiet")
+    result = cli(
+        "run", str(SAMPLES), "-o", str(out), "--composite", "seed", "--topk", "0.05", "--overlay-format", "png"
+    )
     assert result.returncode == 0, result.stderr
     records = manifest(out)
     assert len(records) == 4 and all(r["target"] == "softmax" for r in records)
     assert {Path(r["path"]).name for r in records} == {"cat.png", "coffee.png", "astronaut.png", "rocket.jpg"}
+    assert all(Image.open(r["outputs"]["overlay"]).format == "PNG" for r in records)
+    assert not list(out.glob("*.jpg"))
+
+
+@pytest.mark.parametrize("policy", ["squash", "crop"])
+def test_overlay_blends_only_where_there_is_relevance(policy):
+    photo = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    heat = np.zeros((32, 32), dtype=np.float32)
+    heat[12:20, 12:20] = 1.0  # one hot square in the middle of the explained area
+    overlay = np.asarray(overlay_image(photo, heat, signed=False, policy=policy, alpha=0.6))
+    assert overlay.shape == photo.shape
+    changed = np.abs(overlay.astype(int) - photo).max(axis=2) > 0
+    rows, cols = np.nonzero(changed)
+    left, top, right, bottom = (0, 0, 90, 60) if policy == "squash" else crop_box(90, 60)
+    scale_x, scale_y = (right - left) / 32, (bottom - top) / 32
+    # only around the hot square, mapped onto the photo (one input pixel of bilinear spread)
+    assert rows.min() >= top + 11 * scale_y and rows.max() <= top + 21 * scale_y
+    assert cols.min() >= left + 11 * scale_x and cols.max() <= left + 21 * scale_x
+    centre_row, centre_col = int(top + 16 * scale_y), int(left + 16 * scale_x)
+    centre, source = overlay[centre_row, centre_col].astype(float), photo[centre_row, centre_col].astype(float)
+    white = np.array([255.0, 255.0, 255.0])  # afmhot's top colour
+    np.testing.assert_allclose(centre, source + 0.6 * (white - source), atol=2)
 
 
 # --- usage and config errors -----------------------------------------------------------------------
@@ -252,6 +278,7 @@ def test_shipped_photos_run_with_seed_composite(tmp_path):
         (["--model", "vgg16"], "--weights FILE"),
         (["--model", "no.such.module:factory"], "cannot import"),
         (["--colormap", "virdis"], "did you mean 'viridis'"),
+        (["--overlay-format", "gif"], "'overlay_format' = 'gif' is invalid; expected one of jpg, png"),
         (["--target", "5000"], "target class out of range 0..999"),
         (["--resolution", "8"], "'resolution' = 8 is invalid; expected a value in [16, 4096]"),
     ],

@@ -72,6 +72,7 @@ def explain(
     fraction, 1.0 = off. ``target``: None (the composite's start: the predicted class, or the softmax
     over all classes for ``seed``), a class index, one index per sample, ``"predicted"``,
     ``"softmax"``, or a float tensor of start relevance shaped like the logits. ``options`` go to
-    :class:`Explainer` (``precision``, ``renormalize``, ``trace``, ``mean``/``std``, ``channels_last``).
+    :class:`Explainer` (``precision``, ``renormalize``, ``trace``, ``mean``/``std``, ``channels_last``,
+    ``winograd``).
     """
     return attribute(model, inputs, composite=composite, topk=topk, target=target, **options).relevance

@@ -10,6 +10,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from . import winograd
+
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
     """TensorFlow 'SAME' padding (before, after) for one spatial dimension."""
@@ -35,6 +37,7 @@ class WeightedLayer:
     groups: int = 1
     pad_mode: str = "zeros"
     _cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict, repr=False)
+    _winograd_cache: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def explicit_pads(self, height: int, width: int) -> tuple[int, int, int, int] | None:
         """Pads (left, right, top, bottom) applied before the convolution, or None for built-in padding."""
@@ -48,8 +51,17 @@ class WeightedLayer:
         ph, pw = self.padding
         return pw, pw, ph, ph
 
-    def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The layer's forward map with the given (modified) parameters."""
+    def apply(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        filters: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The layer's forward map with the given (modified) parameters; by Winograd when ``filters``
+        (from :meth:`winograd_filters`) are given."""
+        if filters is not None:
+            return winograd.conv3x3(x, filters, bias)
         if self.kind == "linear":
             return F.linear(x, weight, bias)
         if self.kind == "diag":
@@ -62,8 +74,17 @@ class WeightedLayer:
         mode = "constant" if self.pad_mode == "same" else self.pad_mode
         return F.conv2d(F.pad(x, pads, mode=mode), weight, bias, self.stride, 0, self.dilation, self.groups)
 
-    def transpose(self, s: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
-        """The adjoint of :meth:`apply` (without bias) applied to ``s``: a gradient without autograd."""
+    def transpose(
+        self,
+        s: torch.Tensor,
+        weight: torch.Tensor,
+        input_shape: torch.Size,
+        filters: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The adjoint of :meth:`apply` (without bias) applied to ``s``: a gradient without autograd.
+        By Winograd when ``filters`` (from :meth:`winograd_filters` with ``transposed``) are given."""
+        if filters is not None:
+            return winograd.conv3x3(s, filters)
         if self.kind == "linear":
             return s @ weight
         if self.kind == "diag":
@@ -106,6 +127,39 @@ class WeightedLayer:
                 bias = None
             self._cache[key] = (weight, bias)
         return self._cache[key]
+
+    @property
+    def winograd_eligible(self) -> bool:
+        """A zero-padded 3x3, stride-1, ungrouped convolution wide enough for Winograd to pay off."""
+        if self.kind != "conv" or self.weight.device.type != "cpu":
+            return False
+        out_channels, in_channels, kh, kw = self.weight.shape
+        padded_by_one = self.pad_mode == "same" or (self.pad_mode == "zeros" and self.padding == (1, 1))
+        return (
+            (kh, kw) == (3, 3)
+            and self.stride == (1, 1)
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and padded_by_one
+            and winograd.worthwhile(in_channels, out_channels)
+        )
+
+    def winograd_filters(
+        self,
+        weight_mod: Callable[[torch.Tensor], torch.Tensor],
+        dtype: torch.dtype,
+        *,
+        transposed: bool = False,
+    ) -> torch.Tensor | None:
+        """Transform-domain filters of the modified weight for :meth:`apply` (or, ``transposed``, for
+        :meth:`transpose`), cached; None where the layer or dtype does not qualify."""
+        if dtype not in (torch.float32, torch.float64) or not self.winograd_eligible:
+            return None
+        key = (weight_mod, dtype, transposed)
+        if key not in self._winograd_cache:
+            weight = weight_mod(self.weight).to(dtype)
+            self._winograd_cache[key] = winograd.transform_filters(weight, transposed=transposed)
+        return self._winograd_cache[key]
 
 
 def _pad_adjoint(grad: torch.Tensor, shape: torch.Size, pads: tuple[int, ...], mode: str) -> torch.Tensor:
