@@ -148,7 +148,9 @@ def render_outputs(
     overlay = overlay_image(
         prediction.photo, heat, signed, config.resize, config.overlay_alpha, config.colormap
     )
-    atomic_write(paths["overlay"], jpeg_bytes(overlay) if config.overlay_format == "jpg" else png_bytes(overlay))
+    atomic_write(
+        paths["overlay"], jpeg_bytes(overlay) if config.overlay_format == "jpg" else png_bytes(overlay)
+    )
     if "relevance" in paths:
         atomic_write(paths["relevance"], npy_bytes(prediction.relevance.astype(np.float32)))
     ms = prediction.compute_ms + (time.perf_counter() - started) * 1000.0

@@ -235,7 +235,16 @@ def test_embedded_model_sees_the_cat(tmp_path):
 def test_shipped_photos_run_with_seed_composite(tmp_path):
     out = tmp_path / "out"
     result = cli(
-        "run", str(SAMPLES), "-o", str(out), "--composite", "seed", "--topk", "0.05", "--overlay-format", "png"
+        "run",
+        str(SAMPLES),
+        "-o",
+        str(out),
+        "--composite",
+        "seed",
+        "--topk",
+        "0.05",
+        "--overlay-format",
+        "png",
     )
     assert result.returncode == 0, result.stderr
     records = manifest(out)
@@ -260,7 +269,10 @@ def test_overlay_blends_only_where_there_is_relevance(policy):
     assert rows.min() >= top + 11 * scale_y and rows.max() <= top + 21 * scale_y
     assert cols.min() >= left + 11 * scale_x and cols.max() <= left + 21 * scale_x
     centre_row, centre_col = int(top + 16 * scale_y), int(left + 16 * scale_x)
-    centre, source = overlay[centre_row, centre_col].astype(float), photo[centre_row, centre_col].astype(float)
+    centre, source = (
+        overlay[centre_row, centre_col].astype(float),
+        photo[centre_row, centre_col].astype(float),
+    )
     white = np.array([255.0, 255.0, 255.0])  # afmhot's top colour
     np.testing.assert_allclose(centre, source + 0.6 * (white - source), atol=2)
 

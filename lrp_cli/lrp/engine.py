@@ -317,7 +317,9 @@ class Explainer:
             if self._memory_format is torch.channels_last and s.dim() == 4:
                 s = s.contiguous(memory_format=torch.channels_last)
             for term, inp, (weight, _) in zip(terms, modified, params):
-                filters = layer.winograd_filters(term.weight, compute, transposed=True) if self.winograd else None
+                filters = (
+                    layer.winograd_filters(term.weight, compute, transposed=True) if self.winograd else None
+                )
                 contribution = layer.transpose(s, weight, shape, filters).to(relevance.dtype)
                 if term.input != "ones":
                     contribution = contribution * inp

@@ -51,7 +51,9 @@ MIN_CHANNEL_PRODUCT = 128 * 256
 
 def worthwhile(in_channels: int, out_channels: int) -> bool:
     """Whether Winograd beats a direct convolution for this channel count."""
-    return min(in_channels, out_channels) >= MIN_CHANNELS and in_channels * out_channels >= MIN_CHANNEL_PRODUCT
+    return (
+        min(in_channels, out_channels) >= MIN_CHANNELS and in_channels * out_channels >= MIN_CHANNEL_PRODUCT
+    )
 
 
 @lru_cache(maxsize=8)
