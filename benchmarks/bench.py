@@ -2,14 +2,16 @@
 
 Same model weights (seeded random init for VGG16, so nothing is downloaded; the embedded
 EfficientNet-Lite0 weights) and the same inputs for every method. Each figure is the median of
-``--repeats`` timed runs after one warm-up; peak memory is the resident-set growth over the process's
-level before the method ran, sampled every 5 ms.
+``--repeats`` timed runs after one warm-up; peak memory is the resident-set growth from just before
+the warm-up (after handing the heap's free memory back to the kernel), sampled every 5 ms. The process
+keeps freed memory for reuse as ``lrp-heatmap`` does (``retain_freed_memory``), for every method alike.
 
     python benchmarks/bench.py                 # everything (about 10 minutes on 2 CPU cores)
     python benchmarks/bench.py --skip-e2e      # engines only
 
 Peers: a plain forward pass (the reference: LRP needs about three forward-equivalents, so forward/3 is
-the hardware bound), Zennit's z+ and Captum's LRP (``pip install -e ".[bench]"``).
+the bound for direct convolutions; Winograd's fewer multiplications let the engine pass it), Zennit's z+
+and Captum's LRP (``pip install -e ".[bench]"``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from lrp_cli.lrp import Explainer
+from lrp_cli.lrp import Explainer, release_freed_memory, retain_freed_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +48,7 @@ class PeakMemory:
             return int(statm.read().split()[1]) * 4096
 
     def __enter__(self) -> PeakMemory:
+        release_freed_memory()  # what earlier methods left in the heap must not hide this one's growth
         self.base = self.rss()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
@@ -61,10 +64,11 @@ class PeakMemory:
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(median seconds, peak MiB) of ``fn`` after one warm-up call."""
-    fn()
+    """(median seconds after one warm-up call, peak MiB): the peak counts from before the warm-up, so
+    whatever a method builds on its first call (rule weights, Winograd filters) is included."""
     times = []
     with PeakMemory() as memory:
+        fn()
         for _ in range(repeats):
             started = time.perf_counter()
             fn()
@@ -235,6 +239,7 @@ def main() -> None:
     )
     parser.add_argument("--skip-e2e", action="store_true")
     args = parser.parse_args()
+    retain_freed_memory()  # as lrp-heatmap does; every method below runs under the same allocator settings
     print(f"torch {torch.__version__}, {sys.platform}, CUDA available: {torch.cuda.is_available()}\n")
     figures = engines(args)
     engine_rate = embedded(args)

@@ -55,6 +55,7 @@ def prepare_engine(config: Config, loaded: LoadedModel) -> tuple[torch.device, E
     """The configured device, with the model on it, and the engine as the config describes it
     (composite preset plus rule overrides)."""
     device = resolve_device(config.device)
+    retain_freed_memory()  # batch after batch reuses the same large buffers instead of page-faulting them
     loaded.module.to(device)
     composite = get_composite(config.composite).with_overrides(config.rules)
     return device, Explainer(

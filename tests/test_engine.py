@@ -20,6 +20,7 @@ from lrp_cli.lrp import (
     explain,
     relevance_filter,
 )
+from lrp_cli.lrp import filter as filter_module
 
 tv = torchvision.models
 
@@ -221,6 +222,31 @@ def test_filter_matches_sort_reference_with_ties(fraction):
         torch.testing.assert_close(
             relevance_filter(r, fraction), _sort_reference(r, fraction), rtol=0, atol=0
         )
+
+
+def _large_rows(case: str) -> torch.Tensor:
+    """Rows long enough for the sampled threshold (200 704 entries each), one case per branch."""
+    g = torch.Generator().manual_seed(4)
+    r = torch.rand(3, 64, 56, 56, generator=g).pow(6)
+    if case == "skewed channels":  # relevance in a few channels: a channel-aligned stride would miss it
+        r[:, ::8] *= 1000
+    elif case == "mostly zeros":  # fewer nonzeros than kept entries: the threshold is the tie at zero
+        r = r * (torch.rand(r.shape, generator=g) < 0.02)
+    elif case == "sample overshoots":  # every sampled entry is huge: the bound is useless, full selection
+        flat = r.permute(0, 2, 3, 1).reshape(3, -1)
+        stride = filter_module._prime_at_least(
+            max(filter_module.MIN_STRIDE, flat.shape[1] // filter_module.SAMPLE_SIZE)
+        )
+        flat[:, ::stride] += 10.0
+        r = flat.reshape(3, 56, 56, 64).permute(0, 3, 1, 2)
+    return r.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("case", ["plain", "skewed channels", "mostly zeros", "sample overshoots"])
+@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.2])
+def test_filter_on_large_rows_matches_sort_reference(case, fraction):
+    r = _large_rows(case)
+    torch.testing.assert_close(relevance_filter(r, fraction), _sort_reference(r, fraction), rtol=0, atol=0)
 
 
 def test_filter_renormalize_conserves_and_rejects_bad_fraction():

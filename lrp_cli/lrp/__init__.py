@@ -13,6 +13,7 @@ from torch import nn
 from .composites import COMPOSITES, Composite, get_composite, register_composite, rule_from_spec
 from .engine import Explainer, Explanation, Precision, Target
 from .filter import relevance_filter
+from .memory import release_freed_memory, retain_freed_memory
 from .ops import UnsupportedOperationError
 from .rules import RULES, AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, WSquare, ZBox, ZPlus, make_rule
 
@@ -39,7 +40,9 @@ __all__ = [
     "get_composite",
     "make_rule",
     "register_composite",
+    "release_freed_memory",
     "relevance_filter",
+    "retain_freed_memory",
     "rule_from_spec",
 ]
 

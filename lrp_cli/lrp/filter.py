@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-SAMPLE_SIZE = 16384  # entries per sample used to guess a safe lower bound for the threshold
+SAMPLE_SIZE = 65536  # entries per sample used to guess a safe lower bound for the threshold
+MIN_STRIDE = 16  # smaller layers sample every 17th entry or so: bound and selection stay cheap
 EXACT_BELOW = 65536  # small layers: plain selection is already cheap
 
 
@@ -25,20 +28,49 @@ def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     rows, numel = flat.shape
     if numel <= EXACT_BELOW or 4 * k > numel:
         return flat.kthvalue(numel - k + 1, dim=1, keepdim=True).values
-    sample = flat[:, :: numel // SAMPLE_SIZE]
+    sample = flat[:, :: _prime_at_least(max(MIN_STRIDE, numel // SAMPLE_SIZE))]
     size = sample.shape[1]
-    rank = min(size, int(2.0 * k / numel * size) + 64)  # generous: aim at about twice k candidates
-    bound = sample.kthvalue(size - rank + 1, dim=1, keepdim=True).values
-    values = []
-    for row in range(rows):
-        pool = flat[row][flat[row] > bound[row]]
-        if pool.numel() >= k:  # the k-th largest is strictly above the bound: select among those
-            values.append(pool.kthvalue(pool.numel() - k + 1).values)
-        elif int(torch.count_nonzero(flat[row] >= bound[row])) >= k:  # fewer above, enough at it: ties
-            values.append(bound[row, 0])
+    expected = k / numel * size  # the k-th largest's rank in the sample, give or take sqrt(expected)
+    rank = min(size, int(expected + 4.0 * math.sqrt(expected)) + 16)  # four sigmas: a few % over k
+    bound = sample.topk(rank, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # rank-th largest
+    values: list[torch.Tensor | None] = [None] * rows
+    pools: dict[int, torch.Tensor] = {}
+    for index, (row, limit) in enumerate(zip(flat, bound)):
+        above = row > limit
+        count = int(torch.count_nonzero(above))  # per row: far cheaper than a count along a dimension
+        if count >= k:  # the k-th largest is strictly above the bound: select among those
+            pools[index] = row[above]
+        elif count + int(torch.count_nonzero(row == limit)) >= k:  # ties, e.g. the zeros of earlier filtering
+            values[index] = limit[0]
         else:  # the sample overshot: exact selection over the whole row
-            values.append(flat[row].kthvalue(numel - k + 1).values)
-    return torch.stack(values).reshape(rows, 1)
+            values[index] = row.kthvalue(numel - k + 1).values
+    if pools:
+        for index, value in zip(pools, _kth_largest_of_pools(list(pools.values()), k)):
+            values[index] = value
+    return torch.stack(values).reshape(rows, 1)  # type: ignore[arg-type]
+
+
+def _kth_largest_of_pools(pools: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The k-th largest of each pool (each has at least k values) in one batched selection.
+
+    Padding the pools to one width with -inf leaves every k-th largest in place and gives all rows the
+    same rank, so one call selects for every row, the rows spread over the threads.
+    """
+    width = max(pool.numel() for pool in pools)
+    padded = pools[0].new_full((len(pools), width), -math.inf)
+    for row, pool in zip(padded, pools):
+        row[: pool.numel()] = pool
+    smallest = padded.topk(width - k + 1, dim=1, largest=False, sorted=False).values
+    return smallest.amax(dim=1)
+
+
+def _prime_at_least(n: int) -> int:
+    """A prime sampling stride: a stride sharing a factor with the channel count (rows are often
+    channels-last) would only ever sample some channels, and a biased bound means a slow fallback."""
+    candidate = max(n, 2)
+    while any(candidate % d == 0 for d in range(2, math.isqrt(candidate) + 1)):
+        candidate += 1
+    return candidate
 
 
 def relevance_filter(
