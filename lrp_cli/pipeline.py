@@ -17,7 +17,7 @@ import torch
 
 from .config import Config
 from .data import ImageDataset, ImageItem, discover, make_loader
-from .lrp import Explainer, get_composite
+from .lrp import Explainer, get_composite, retain_freed_memory
 from .models import LoadedModel, load_model
 from .render import (
     atomic_write,
