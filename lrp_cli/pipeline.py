@@ -23,6 +23,7 @@ from .render import (
     atomic_write,
     heatmap_image,
     jpeg_bytes,
+    normalise,
     npy_bytes,
     overlay_image,
     png_bytes,
@@ -144,7 +145,7 @@ def render_outputs(
     started = time.perf_counter()
     item = prediction.item
     paths = output_paths(out_dir, item, config)
-    heat = relevance_map(prediction.relevance)
+    heat = normalise(relevance_map(prediction.relevance), signed)
     atomic_write(paths["heatmap"], png_bytes(heatmap_image(heat, signed, config.colormap)))
     overlay = overlay_image(
         prediction.photo, heat, signed, config.resize, config.overlay_alpha, config.colormap

@@ -82,14 +82,16 @@ def colorize(normalised: np.ndarray, signed: bool, colormap: str = "auto") -> np
     return _TABLES[name][np.clip(values + 0.5, 0, 255).astype(np.uint8)]
 
 
-def heatmap_image(heat: np.ndarray, signed: bool, colormap: str = "auto") -> Image.Image:
-    return Image.fromarray(colorize(normalise(heat, signed), signed, colormap), "RGB")
+def heatmap_image(normalised: np.ndarray, signed: bool, colormap: str = "auto") -> Image.Image:
+    """The colour-mapped heatmap of a map already scaled by :func:`normalise`."""
+    return Image.fromarray(colorize(normalised, signed, colormap), "RGB")
 
 
 def overlay_image(
-    photo: np.ndarray, heat: np.ndarray, signed: bool, policy: str, alpha: float, colormap: str = "auto"
+    photo: np.ndarray, normalised: np.ndarray, signed: bool, policy: str, alpha: float, colormap: str = "auto"
 ) -> Image.Image:
-    """The heatmap blended onto the photo (uint8 H x W x 3) at the photo's own size and orientation.
+    """A map scaled by :func:`normalise`, blended onto the photo (uint8 H x W x 3) at the photo's own size
+    and orientation.
 
     Each pixel's blend weight grows with |relevance|, so irrelevant regions show the photo unchanged.
     With the ``crop`` policy only the explained centre square carries a heatmap. The colours and the
@@ -98,9 +100,10 @@ def overlay_image(
     height, width = photo.shape[:2]
     box = (0, 0, width, height) if policy == "squash" else crop_box(width, height)
     size = (box[2] - box[0], box[3] - box[1])
-    norm = normalise(heat, signed)
-    colours = Image.fromarray(colorize(norm, signed, colormap), "RGB").resize(size, Image.Resampling.BILINEAR)
-    weight = (np.abs(norm) * (alpha * 255.0) + 0.5).astype(np.uint8)
+    colours = Image.fromarray(colorize(normalised, signed, colormap), "RGB").resize(
+        size, Image.Resampling.BILINEAR
+    )
+    weight = (np.abs(normalised) * (alpha * 255.0) + 0.5).astype(np.uint8)
     mask = Image.fromarray(weight, "L").resize(size, Image.Resampling.BILINEAR)
     blended = Image.fromarray(photo, "RGB").copy()
     blended.paste(colours, box[:2], mask)
