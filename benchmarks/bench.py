@@ -1,12 +1,14 @@
-"""Throughput of lrp-heatmap's engine against its peers, all measured in this one process.
+"""Throughput of lrp-heatmap's engine against its peers on the same weights and inputs.
 
-Same model weights (seeded random init for VGG16, so nothing is downloaded; the embedded
-EfficientNet-Lite0 weights) and the same inputs for every method. Each figure is the median of
-``--repeats`` timed runs after one warm-up; peak memory is the resident-set growth from just before
-the warm-up (after handing the heap's free memory back to the kernel), sampled every 5 ms. The process
-keeps freed memory for reuse as ``lrp-heatmap`` does (``retain_freed_memory``), for every method alike.
+VGG16 has seeded random weights (nothing is downloaded); the embedded EfficientNet-Lite0 its real ones.
+Every method runs alone in a fresh process (no heap, cache or thread-pool state carried over from
+another method), with the allocator settings ``lrp-heatmap`` uses (``retain_freed_memory``); the
+methods are interleaved over ``--rounds`` passes, so a machine whose speed drifts over minutes treats
+them alike. A figure is the median over every round's ``--repeats`` timed runs, each round after one
+warm-up; peak memory is the resident-set growth from after the model is built to the end (warm-up
+included, so rule weights and Winograd filters count), sampled every 5 ms.
 
-    python benchmarks/bench.py                 # everything (about 10 minutes on 2 CPU cores)
+    python benchmarks/bench.py                 # everything (about 15 minutes on 2 CPU cores)
     python benchmarks/bench.py --skip-e2e      # engines only
 
 Peers: a plain forward pass (the reference: LRP needs about three forward-equivalents, so forward/3 is
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shutil
 import statistics
 import subprocess
@@ -64,19 +67,6 @@ class PeakMemory:
         self.thread.join()
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(median seconds after one warm-up call, peak MiB): the peak counts from before the warm-up, so
-    whatever a method builds on its first call (rule weights, Winograd filters) is included."""
-    times = []
-    with PeakMemory() as memory:
-        fn()
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-    return statistics.median(times), memory.peak / 2**20
-
-
 def zennit_zplus(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     from zennit.attribution import Gradient
     from zennit.composites import LayerMapComposite, layer_map_base
@@ -110,95 +100,156 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
 
-def engines(args: argparse.Namespace) -> dict[str, float]:
+def _vgg(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    vgg = torchvision.models.vgg16().eval()
-    x = torch.randn(args.batch_size, 3, args.resolution, args.resolution)
-    n = args.batch_size
-    rows: list[tuple[str, float, float]] = []
+    return torchvision.models.vgg16().eval(), torch.randn(
+        args.batch_size, 3, args.resolution, args.resolution
+    )
 
-    def measure(name: str, fn: Callable[[], object]) -> float:
-        seconds, peak = timed(fn, args.repeats)
-        rows.append((name, n / seconds, peak))
-        print(f"  {name:<42} {n / seconds:7.2f} img/s  peak +{peak:7.0f} MiB", flush=True)
-        return n / seconds
 
-    print(f"VGG16 {args.resolution}x{args.resolution}, batch {n}, {torch.get_num_threads()} threads")
-    with torch.no_grad():
-        forward = measure("forward (reference)", lambda: vgg(x))
-        cl_model = copy.deepcopy(vgg).to(memory_format=torch.channels_last)
-        cl_x = x.contiguous(memory_format=torch.channels_last)
-        forward_cl = measure("forward, channels_last", lambda: cl_model(cl_x))
-    best_forward = max(forward, forward_cl)
-    ours = measure("lrp-heatmap seed, topk 1.0", lambda: Explainer(vgg, "seed", 1.0)(x))
-    seed = Explainer(vgg, "seed", 1.0)
-    ours_reused = measure("lrp-heatmap seed, topk 1.0 (reused)", lambda: seed(x))
-    filtered = Explainer(vgg, "seed", 0.05)
-    ours_topk = measure("lrp-heatmap seed, topk 0.05 (reused)", lambda: filtered(x))
-    direct = Explainer(vgg, "seed", 1.0, winograd=False)
-    ours_direct = measure("lrp-heatmap seed, direct convs (reused)", lambda: direct(x))
-    winograd_r = min(pearson(a, b) for a, b in zip(seed(x).relevance, direct(x).relevance))
-    zplus = Explainer(vgg, "zplus", 1.0)
-    measure("lrp-heatmap zplus (reused)", lambda: zplus(x))
-    zennit = measure("Zennit z+", zennit_zplus(vgg, x))
-    captum = measure("Captum LRP", captum_lrp(vgg, x))
-    figures = {
-        "forward": best_forward,
-        "ours": ours_reused,
-        "ours_topk": ours_topk,
-        "zennit": zennit,
-        "captum": captum,
-        "ours_with_tracing": ours,
-        "ours_direct": ours_direct,
-    }
+def _lite0(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
+    from lrp_cli.models import load_model
+
+    torch.manual_seed(0)
+    return load_model("efficientnet-lite0").module, torch.randn(args.batch_size, 3, 224, 224)
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, channels_last: bool) -> Callable[[], object]:
+    if channels_last:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def run() -> object:
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
+def _explainer(
+    model: torch.nn.Module, x: torch.Tensor, *args: object, **options: object
+) -> Callable[[], object]:
+    explainer = Explainer(model, *args, **options)  # type: ignore[arg-type]
+    return lambda: explainer(x)
+
+
+# name: (label, model builder, method builder). Each runs alone in a fresh process.
+METHODS: dict[str, tuple[str, Callable, Callable]] = {
+    "forward": ("forward (reference)", _vgg, lambda m, x: _forward(m, x, False)),
+    "forward_cl": ("forward, channels_last", _vgg, lambda m, x: _forward(m, x, True)),
+    "ours": ("lrp-heatmap seed, topk 1.0", _vgg, lambda m, x: _explainer(m, x, "seed", 1.0)),
+    "ours_topk": ("lrp-heatmap seed, topk 0.05", _vgg, lambda m, x: _explainer(m, x, "seed", 0.05)),
+    "ours_direct": (
+        "lrp-heatmap seed, direct convolutions",
+        _vgg,
+        lambda m, x: _explainer(m, x, "seed", 1.0, winograd=False),
+    ),
+    "ours_cold": (
+        "lrp-heatmap seed, traced every call",
+        _vgg,
+        lambda m, x: lambda: Explainer(m, "seed", 1.0)(x),
+    ),
+    "zennit": ("Zennit 0.5.1 z+", _vgg, zennit_zplus),
+    "captum": ("Captum 0.9 LRP", _vgg, captum_lrp),
+    "bf16": ("lrp-heatmap seed, bf16", _vgg, lambda m, x: _explainer(m, x, "seed", 1.0, precision="bf16")),
+    "lite_forward": ("forward", _lite0, lambda m, x: _forward(m, x, False)),
+    "lite_ours": (
+        "lrp-heatmap epsilon-plus-flat",
+        _lite0,
+        lambda m, x: _explainer(m, x, "epsilon-plus-flat"),
+    ),
+    "lite_seed": ("lrp-heatmap seed, topk 0.05", _lite0, lambda m, x: _explainer(m, x, "seed", 0.05)),
+    "lite_zennit": ("Zennit z+ (no canonizer)", _lite0, zennit_zplus),
+}
+
+
+def agreement(args: argparse.Namespace, options: dict[str, object]) -> list[float]:
+    """Pearson r per image between seed heatmaps with ``options`` and the fp32 direct-convolution ones."""
+    model, x = _vgg(args)
+    reference = Explainer(model, "seed", winograd=False)(x).relevance
+    other = Explainer(model, "seed", **options)(x).relevance  # type: ignore[arg-type]
+    return [pearson(a, b) for a, b in zip(reference, other)]
+
+
+def child(args: argparse.Namespace) -> None:
+    """Time one method in this (fresh) process and print its figures as one JSON line."""
+    if not args.glibc_defaults:
+        retain_freed_memory()  # as lrp-heatmap does; every method runs under the same allocator settings
+    torch.set_num_threads(args.threads)
+    _, build_model, build_method = METHODS[args.method]
+    model, x = build_model(args)
+    times = []
+    with PeakMemory() as memory:
+        fn = build_method(model, x)
+        fn()  # warm-up: whatever the method builds on its first call counts towards its peak
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+    print(json.dumps({"times": times, "peak": memory.peak / 2**20}))
+
+
+def measure_all(args: argparse.Namespace, names: list[str]) -> dict[str, tuple[float, float]]:
+    """images/s (median over every round's repeats) and peak MiB per method; rounds interleave the
+    methods so that a machine whose speed drifts over minutes treats them alike."""
+    times: dict[str, list[float]] = {name: [] for name in names}
+    peaks: dict[str, float] = {name: 0.0 for name in names}
+    for _ in range(args.rounds):
+        for name in names:
+            command = [sys.executable, __file__, "--method", name, "--repeats", str(args.repeats)]
+            command += ["--batch-size", str(args.batch_size), "--resolution", str(args.resolution)]
+            command += ["--threads", str(args.threads)] + (
+                ["--glibc-defaults"] if args.glibc_defaults else []
+            )
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            figures = json.loads(result.stdout.strip().splitlines()[-1])
+            times[name] += figures["times"]
+            peaks[name] = max(peaks[name], figures["peak"])
+    return {name: (args.batch_size / statistics.median(times[name]), peaks[name]) for name in names}
+
+
+def engines(args: argparse.Namespace) -> dict[str, float]:
+    names = ["forward", "forward_cl", "ours", "ours_topk", "ours_direct", "ours_cold", "zennit", "captum"]
+    names += ["bf16"] if args.bf16 else []
+    print(f"VGG16 {args.resolution}x{args.resolution}, batch {args.batch_size}, {args.threads} threads")
+    figures = measure_all(args, names)
+    for name in names:
+        rate, peak = figures[name]
+        print(f"  {METHODS[name][0]:<42} {rate:7.2f} img/s  peak +{peak:6.0f} MiB")
+    rate = {name: figures[name][0] for name in names}
+    forward = max(rate["forward"], rate["forward_cl"])
+    ours, zennit = rate["ours"], rate["zennit"]
+    print()
+    print(
+        f"  ours / Zennit z+          {ours / zennit:5.2f}x   (topk 0.05: {rate['ours_topk'] / zennit:5.2f}x)"
+    )
+    print(f"  ours / Captum LRP         {ours / rate['captum']:5.2f}x")
+    print(f"  ours / (forward / 3)      {ours / (forward / 3):5.2f}")
+    print(f"  topk 0.05 cost over 1.0   {(ours / rate['ours_topk'] - 1) * 100:+5.1f} %")
+    winograd_r = agreement(args, {})
+    print(
+        f"  Winograd over direct      {ours / rate['ours_direct']:5.2f}x, heatmaps Pearson r min {min(winograd_r):.6f}"
+    )
     if args.bf16:
-        low = Explainer(vgg, "seed", 1.0, precision="bf16")
-        figures["bf16"] = measure("lrp-heatmap seed, bf16 (reused)", lambda: low(x))
-        full, half = seed(x).relevance, low(x).relevance
-        rs = [pearson(a, b) for a, b in zip(full, half)]
-        figures["bf16_min_r"] = min(rs)
+        rs = agreement(args, {"precision": "bf16"})
+        print(f"  bf16 / Zennit z+          {rate['bf16'] / zennit:5.2f}x")
         print(
             f"  bf16 vs fp32 heatmaps: Pearson r per image min {min(rs):.4f}, mean {statistics.mean(rs):.4f}"
         )
     print()
-    print(
-        f"  ours / Zennit z+          {ours_reused / zennit:5.2f}x   (topk 0.05: {ours_topk / zennit:5.2f}x)"
-    )
-    print(f"  ours / Captum LRP         {ours_reused / captum:5.2f}x")
-    print(f"  ours / (forward / 3)      {ours_reused / (best_forward / 3):5.2f}")
-    print(f"  topk 0.05 cost over 1.0   {(ours_reused / ours_topk - 1) * 100:+5.1f} %")
-    print(
-        f"  Winograd over direct      {ours_reused / ours_direct:5.2f}x, heatmaps Pearson r min {winograd_r:.6f}"
-    )
-    if args.bf16:
-        print(f"  bf16 / Zennit z+          {figures['bf16'] / zennit:5.2f}x")
-    print()
-    return figures
+    return rate
 
 
 def embedded(args: argparse.Namespace) -> float:
-    from lrp_cli.models import load_model
-
-    loaded = load_model("efficientnet-lite0")
-    model = loaded.module
-    x = torch.randn(args.batch_size, 3, 224, 224)
-    n = args.batch_size
-    print(f"EfficientNet-Lite0 (embedded) 224x224, batch {n}")
-    with torch.no_grad():
-        forward, _ = timed(lambda: model(x), args.repeats)
-    explainer = Explainer(model, "epsilon-plus-flat", 1.0)
-    ours, peak = timed(lambda: explainer(x), args.repeats)
-    seed = Explainer(model, "seed", 0.05)
-    ours_seed, _ = timed(lambda: seed(x), args.repeats)
-    zennit, _ = timed(zennit_zplus(model, x), args.repeats)
-    print(f"  forward                                  {n / forward:7.2f} img/s")
-    print(f"  lrp-heatmap epsilon-plus-flat            {n / ours:7.2f} img/s  peak +{peak:5.0f} MiB")
-    print(f"  lrp-heatmap seed, topk 0.05              {n / ours_seed:7.2f} img/s")
-    print(f"  Zennit z+ (no canonizer)                 {n / zennit:7.2f} img/s")
-    print(
-        f"  ours / (forward / 3) {(n / ours) / (n / forward / 3):5.2f};  ours / Zennit {zennit / ours:5.2f}x\n"
-    )
-    return n / ours
+    names = ["lite_forward", "lite_ours", "lite_seed", "lite_zennit"]
+    print(f"EfficientNet-Lite0 (embedded) 224x224, batch {args.batch_size}")
+    figures = measure_all(args, names)
+    for name in names:
+        rate, peak = figures[name]
+        print(f"  {METHODS[name][0]:<42} {rate:7.2f} img/s  peak +{peak:6.0f} MiB")
+    forward, ours, zennit = (figures[name][0] for name in ("lite_forward", "lite_ours", "lite_zennit"))
+    print(f"  ours / (forward / 3)  {ours / (forward / 3):5.2f};  ours / Zennit {ours / zennit:5.2f}x\n")
+    return ours
 
 
 def end_to_end(args: argparse.Namespace, model: str, composite: str, engine_rate: float) -> None:
@@ -249,12 +300,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved passes over all methods")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
         "--bf16", action="store_true", help="also time bf16 (slow on CPUs without AMX/AVX512-BF16)"
     )
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="run every method with glibc's default allocator settings instead of lrp-heatmap's",
+    )
+    parser.add_argument("--method", choices=sorted(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    retain_freed_memory()  # as lrp-heatmap does; every method below runs under the same allocator settings
+    if args.method:
+        child(args)
+        return
     print(f"torch {torch.__version__}, {sys.platform}, CUDA available: {torch.cuda.is_available()}\n")
     figures = engines(args)
     engine_rate = embedded(args)

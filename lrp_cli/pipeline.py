@@ -247,6 +247,8 @@ def run(
         items = [item for item in items if str(item.path) not in done]
     loaded = load_model(config.model, config.weights, config.mean, config.std)
     device, explainer = prepare_engine(config, loaded)
+    if device.type == "cuda":  # every batch has one shape: let cuDNN time its kernels once and keep the best
+        torch.backends.cudnn.benchmark = True
     signed = explainer.composite.signed
     reporter = Reporter(manifest, append=resume, json_out=sys.stdout if json_output else None, err=sys.stderr)
     bar = None
