@@ -62,7 +62,15 @@ def _conv_layer(**overrides):
     ],
 )
 def test_eligibility(overrides, eligible):
-    assert _conv_layer(**overrides).winograd_eligible is eligible
+    assert _conv_layer(**overrides).winograd_eligible((8, 9)) is eligible
+
+
+def test_maps_smaller_than_two_tiles_stay_direct():
+    layer = _conv_layer()
+    assert not layer.winograd_eligible((7, 64)) and not layer.winograd_eligible((64, 4))
+    assert layer.winograd_filters(lambda w: w, torch.float32, (7, 7)) is None
+    assert layer.winograd_filters(lambda w: w, torch.float16, (32, 32)) is None  # float32/float64 only
+    assert layer.winograd_filters(lambda w: w, torch.float32, (32, 32)) is not None
 
 
 class WideNet(nn.Module):
@@ -89,7 +97,7 @@ class WideNet(nn.Module):
 def test_engine_with_winograd_matches_direct(composite, terms, monkeypatch):
     torch.manual_seed(3)
     model = WideNet().double().eval()
-    x = torch.rand(2, 3, 14, 14, dtype=torch.float64)
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
     fast = Explainer(model, composite, mean=[0.5] * 3, std=[0.5] * 3)
     direct = Explainer(model, composite, mean=[0.5] * 3, std=[0.5] * 3, winograd=False)
     calls = []

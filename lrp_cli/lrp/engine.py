@@ -189,7 +189,8 @@ class Explainer:
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
             if isinstance(op, Weighted):
                 weight, bias = op.layer.params(KEEP, KEEP, self._dtype, self._memory_format)
-                filters = op.layer.winograd_filters(KEEP, self._dtype) if self.winograd else None
+                size = tuple(args[0].shape[-2:])
+                filters = op.layer.winograd_filters(KEEP, self._dtype, size) if self.winograd else None
                 value = op.layer.apply(args[0], weight, bias, filters)
             else:
                 value = op.forward(*args, **kwargs)
@@ -288,6 +289,7 @@ class Explainer:
         if not groups:  # Pass
             return relevance
         shape = a.shape
+        size = tuple(shape[-2:])
         nonnegative = self._nonnegative_input[id(op)]
         compute = self._dtype
         plans = []
@@ -297,7 +299,7 @@ class Explainer:
             params = [layer.params(t.weight, t.bias, compute, self._memory_format) for t in terms]
             z = None
             for term, inp, (weight, bias) in zip(terms, modified, params):
-                filters = layer.winograd_filters(term.weight, compute) if self.winograd else None
+                filters = layer.winograd_filters(term.weight, compute, size) if self.winograd else None
                 part = self._term_output(op, term, inp, weight, bias, filters, relevance.dtype)
                 z = part if z is None else z.add_(part)
             plans.append((group, terms, modified, params, z))
@@ -318,7 +320,9 @@ class Explainer:
                 s = s.contiguous(memory_format=torch.channels_last)
             for term, inp, (weight, _) in zip(terms, modified, params):
                 filters = (
-                    layer.winograd_filters(term.weight, compute, transposed=True) if self.winograd else None
+                    layer.winograd_filters(term.weight, compute, size, transposed=True)
+                    if self.winograd
+                    else None
                 )
                 contribution = layer.transpose(s, weight, shape, filters).to(relevance.dtype)
                 if term.input != "ones":

@@ -128,9 +128,9 @@ class WeightedLayer:
             self._cache[key] = (weight, bias)
         return self._cache[key]
 
-    @property
-    def winograd_eligible(self) -> bool:
-        """A zero-padded 3x3, stride-1, ungrouped convolution wide enough for Winograd to pay off."""
+    def winograd_eligible(self, size: tuple[int, int]) -> bool:
+        """A zero-padded 3x3, stride-1, ungrouped convolution wide enough for Winograd to pay off on
+        maps of ``size`` (height, width)."""
         if self.kind != "conv" or self.weight.device.type != "cpu":
             return False
         out_channels, in_channels, kh, kw = self.weight.shape
@@ -141,19 +141,20 @@ class WeightedLayer:
             and self.dilation == (1, 1)
             and self.groups == 1
             and padded_by_one
-            and winograd.worthwhile(in_channels, out_channels)
+            and winograd.worthwhile(in_channels, out_channels, *size)
         )
 
     def winograd_filters(
         self,
         weight_mod: Callable[[torch.Tensor], torch.Tensor],
         dtype: torch.dtype,
+        size: tuple[int, int],
         *,
         transposed: bool = False,
     ) -> torch.Tensor | None:
         """Transform-domain filters of the modified weight for :meth:`apply` (or, ``transposed``, for
-        :meth:`transpose`), cached; None where the layer or dtype does not qualify."""
-        if dtype not in (torch.float32, torch.float64) or not self.winograd_eligible:
+        :meth:`transpose`) on maps of ``size``, cached; None where layer, size or dtype do not qualify."""
+        if dtype not in (torch.float32, torch.float64) or not self.winograd_eligible(size):
             return None
         key = (weight_mod, dtype, transposed)
         if key not in self._winograd_cache:
