@@ -15,7 +15,6 @@ from .lrp import COMPOSITES
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 PRECISIONS = ("fp32", "bf16", "fp16")
 RESIZE_POLICIES = ("squash", "crop")
-MAXPOOL_MODES = ("winner", "average")
 OVERLAY_FORMATS = ("jpg", "png")
 
 
@@ -53,10 +52,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
 
 
 def _suggest(key: str, known: list[str]) -> str:

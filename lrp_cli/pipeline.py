@@ -22,11 +22,10 @@ from .models import LoadedModel, load_model
 from .render import (
     atomic_write,
     heatmap_image,
-    jpeg_bytes,
+    image_bytes,
     normalise,
     npy_bytes,
     overlay_image,
-    png_bytes,
     relevance_map,
 )
 
@@ -146,13 +145,11 @@ def render_outputs(
     item = prediction.item
     paths = output_paths(out_dir, item, config)
     heat = normalise(relevance_map(prediction.relevance), signed)
-    atomic_write(paths["heatmap"], png_bytes(heatmap_image(heat, signed, config.colormap)))
+    atomic_write(paths["heatmap"], image_bytes(heatmap_image(heat, signed, config.colormap)))
     overlay = overlay_image(
         prediction.photo, heat, signed, config.resize, config.overlay_alpha, config.colormap
     )
-    atomic_write(
-        paths["overlay"], jpeg_bytes(overlay) if config.overlay_format == "jpg" else png_bytes(overlay)
-    )
+    atomic_write(paths["overlay"], image_bytes(overlay, config.overlay_format))
     if "relevance" in paths:
         atomic_write(paths["relevance"], npy_bytes(prediction.relevance.astype(np.float32)))
     ms = prediction.compute_ms + (time.perf_counter() - started) * 1000.0

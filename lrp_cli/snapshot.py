@@ -29,7 +29,7 @@ from .config import Config
 from .data import ImageItem, discover
 from .models import LoadedModel, load_model
 from .pipeline import explained_batches, prepare_engine
-from .render import atomic_write, colorize, normalise, png_bytes, relevance_map
+from .render import atomic_write, colorize, image_bytes, normalise, relevance_map
 
 FORMAT = 1
 METADATA = "snapshot.json"
@@ -300,7 +300,7 @@ def check(
             result.status = "drift"
             result.reasons.insert(0, "input file changed since recording")
         if result.status != "pass" and diff_dir is not None:
-            atomic_write(diff_dir / f"{name}.diff.png", png_bytes(diff_image(recorded, current)))
+            atomic_write(diff_dir / f"{name}.diff.png", image_bytes(diff_image(recorded, current)))
         comparisons.append(result)
     for name in sorted(set(recorded_images) - seen):
         comparisons.append(Comparison(name, "missing", reasons=["recorded but not among the inputs"]))
