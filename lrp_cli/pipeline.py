@@ -1,40 +1,46 @@
-"""The batch job behind ``lrp-heatmap run``: discover, decode, explain, render, record."""
+"""The batch job behind ``lrp-heatmap run``: discover, decode, explain, render, record.
+
+Everything that can refuse the run (inputs, output folder, lock, model, rules, target) is checked before
+the manifest is touched; afterwards every record is whole and every output file complete, however the
+run ends (Ctrl-C, a closed stdout, a full disk, out of memory).
+"""
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import suppress
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import torch
 
 from .config import Config
 from .data import ImageDataset, ImageItem, discover, make_loader
-from .lrp import Explainer, get_composite, retain_freed_memory
-from .models import LoadedModel, load_model
-from .render import (
-    atomic_write,
-    heatmap_image,
-    image_bytes,
-    normalise,
-    npy_bytes,
-    overlay_image,
-    relevance_map,
+from .errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_FAILED_INPUTS,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EnvironmentFailure,
+    RunError,
+    is_out_of_memory,
+    worker_failure,
 )
+from .lock import FolderLock
+from .lrp import Explainer, retain_freed_memory
+from .manifest import MANIFEST, ManifestState, ManifestWriter, read_manifest
+from .models import LoadedModel, load_model
+from .outputs import Prediction, check_inputs_kept, failure_record, remove_stale_temporaries, render_outputs
 
-EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-MANIFEST = "manifest.jsonl"
 
-
-class RunError(RuntimeError):
-    """A problem that stops the run before any image is processed (exit code 2)."""
+class StdoutClosed(Exception):
+    """The reader of ``--json`` records went away (``| head``)."""
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -51,47 +57,91 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+DEFAULT_RESOLUTION = 224
+"""Input size for models that do not say what they were trained at."""
+
+
 def prepare_engine(config: Config, loaded: LoadedModel) -> tuple[torch.device, Explainer]:
     """The configured device, with the model on it, and the engine as the config describes it
-    (composite preset plus rule overrides)."""
+    (composite preset plus rule overrides), tried once on a blank image so that a rule, a target or an
+    operation the model cannot take stops the run here, before any file is written."""
+    if config.resolution is None:  # the model's own input size; manifests and snapshots record it
+        config.resolution = loaded.input_size[0] if loaded.input_size else DEFAULT_RESOLUTION
     device = resolve_device(config.device)
     retain_freed_memory()  # batch after batch reuses the same large buffers instead of page-faulting them
     loaded.module.to(device)
-    composite = get_composite(config.composite).with_overrides(config.rules)
-    return device, Explainer(
-        loaded.module,
-        composite,
-        config.topk,
-        renormalize=config.renormalize,
-        precision=config.precision,  # type: ignore[arg-type]
-        winograd=config.winograd,
-        mean=loaded.mean,
-        std=loaded.std,
+    try:
+        explainer = Explainer(
+            loaded.module,
+            config.composite,
+            config.topk,
+            rules=config.rules,
+            renormalize=config.renormalize,
+            precision=config.precision,  # type: ignore[arg-type]
+            winograd=config.winograd,
+            mean=loaded.mean,
+            std=loaded.std,
+        )
+    except (ValueError, KeyError) as error:
+        raise RunError(f"the rules do not fit model {loaded.name!r}: {error}") from None
+    config.composite = explainer.composite.name  # "auto" resolved: manifests and snapshots name the preset
+    blank = torch.zeros(1, 3, config.resolution, config.resolution, device=device)
+    try:
+        explainer(blank, config.target)
+    except ValueError as error:  # e.g. a target class the model does not have
+        raise RunError(f"cannot explain with target {config.target!r}: {error}") from None
+    except Exception as error:
+        if is_out_of_memory(error):
+            raise out_of_memory(config, device) from None
+        raise
+    return device, explainer
+
+
+def out_of_memory(config: Config, device: torch.device) -> EnvironmentFailure:
+    return EnvironmentFailure(
+        f"out of memory explaining a single {config.resolution}x{config.resolution} image on {device}; "
+        "lower --resolution, use a smaller model or a machine with more memory"
     )
 
 
-@dataclass
-class Prediction:
-    """What the engine said about one image, ready for the writer threads."""
+class HalvingExplainer:
+    """Explains a batch in chunks; on out of memory the chunk is halved (down to one image) and the
+    smaller size kept for the batches that follow."""
 
-    item: ImageItem
-    relevance: np.ndarray  # (C, H, W) float32
-    photo: np.ndarray  # the decoded photo, uint8 (H, W, 3), for the overlay
-    class_index: int
-    probability: float
-    target: int | str
-    compute_ms: float
+    def __init__(self, explainer: Explainer, config: Config, device: torch.device, err: TextIO) -> None:
+        self.explainer, self.config, self.device, self.err = explainer, config, device, err
+        self.size = config.batch_size
 
-
-def output_paths(out_dir: Path, item: ImageItem, config: Config) -> dict[str, Path]:
-    stem = str(item.relative)
-    paths = {
-        "heatmap": out_dir / f"{stem}.heatmap.png",
-        "overlay": out_dir / f"{stem}.overlay.{config.overlay_format}",
-    }
-    if config.save_relevance:
-        paths["relevance"] = out_dir / f"{stem}.relevance.npy"
-    return paths
+    def __call__(self, pixels: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """(relevance as float32 numpy, logits, explained class per image) for the whole batch."""
+        parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
+        start = 0
+        while start < len(pixels):
+            chunk = pixels[start : start + self.size]
+            try:
+                result = self.explainer(chunk, self.config.target)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                if len(chunk) == 1:
+                    raise out_of_memory(self.config, self.device) from None
+                self.size = len(chunk) // 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.err.write(
+                    f"lrp-heatmap: out of memory on a batch of {len(chunk)} images; "
+                    f"retrying in batches of {self.size}\n"
+                )
+                continue
+            parts.append((result.relevance.float().cpu().numpy(), result.logits.float(), result.targets))
+            start += len(chunk)
+        if len(parts) == 1:
+            return parts[0]
+        return (
+            np.concatenate([p[0] for p in parts]),
+            torch.cat([p[1] for p in parts]),
+            torch.cat([p[2] for p in parts]),
+        )
 
 
 def explained_batches(
@@ -100,36 +150,47 @@ def explained_batches(
     loaded: LoadedModel,
     explainer: Explainer,
     device: torch.device,
+    err: TextIO | None = None,
 ) -> Iterable[tuple[list[Prediction], list[tuple[ImageItem, str]]]]:
-    """Run the DataLoader and the engine; yield each batch's predictions and decode failures."""
+    """Run the DataLoader and the engine; yield each batch's predictions and failures (entries that
+    discovery already found unusable come first, as failures of an empty batch)."""
+    unusable = [(item, item.error) for item in items if item.error is not None]
+    if unusable:
+        yield [], unusable  # type: ignore[misc]
+    items = [item for item in items if item.error is None]
+    if not items:
+        return
     dataset = ImageDataset(
-        items, config.resolution, config.resize, loaded.mean, loaded.std, config.max_pixels
+        items,
+        config.resolution,
+        config.resize,
+        loaded.mean,
+        loaded.std,
+        config.max_pixels,
+        loaded.interpolation or "bicubic",
     )
     loader = make_loader(dataset, config.batch_size, config.workers, pin_memory=device.type == "cuda")
-    target = config.target
-    for batch in loader:
+    explain = HalvingExplainer(explainer, config, device, err or sys.stderr)
+    for batch in _guard_workers(loader):
         failures = [(items[i], error) for i, error in batch["failures"]]
         predictions: list[Prediction] = []
         if batch["pixels"] is not None:
             started = time.perf_counter()
-            pixels = batch["pixels"].to(device, non_blocking=True)
-            try:
-                result = explainer(pixels, target)
-            except ValueError as error:  # e.g. a target class the model does not have
-                raise RunError(f"cannot explain with target {target!r}: {error}") from error
-            probabilities = result.logits.float().softmax(dim=1)
+            relevance, logits, targets = explain(batch["pixels"].to(device, non_blocking=True))
+            probabilities = logits.softmax(dim=1)
             top = probabilities.argmax(dim=1)
-            relevance = result.relevance.float().cpu().numpy()
             elapsed = (time.perf_counter() - started) * 1000.0 / len(batch["indices"])
             for row, index in enumerate(batch["indices"]):
-                explained = int(result.targets[row])
+                explained = int(targets[row])
+                shown = explained if explained >= 0 else int(top[row])  # a softmax start: the top class
                 predictions.append(
                     Prediction(
                         items[index],
                         relevance[row],
                         batch["photos"][row].numpy(),
+                        shown,
+                        float(probabilities[row, shown]),
                         int(top[row]),
-                        float(probabilities[row, top[row]]),
                         explained if explained >= 0 else "softmax",
                         elapsed,
                     )
@@ -137,93 +198,37 @@ def explained_batches(
         yield predictions, failures
 
 
-def render_outputs(
-    prediction: Prediction, config: Config, signed: bool, out_dir: Path, loaded: LoadedModel
-) -> dict:
-    """Write one image's files (atomically) and return its manifest record."""
-    started = time.perf_counter()
-    item = prediction.item
-    paths = output_paths(out_dir, item, config)
-    heat = normalise(relevance_map(prediction.relevance), signed)
-    atomic_write(paths["heatmap"], image_bytes(heatmap_image(heat, signed, config.colormap)))
-    overlay = overlay_image(
-        prediction.photo, heat, signed, config.resize, config.overlay_alpha, config.colormap
-    )
-    atomic_write(paths["overlay"], image_bytes(overlay, config.overlay_format))
-    if "relevance" in paths:
-        atomic_write(paths["relevance"], npy_bytes(prediction.relevance.astype(np.float32)))
-    ms = prediction.compute_ms + (time.perf_counter() - started) * 1000.0
-    return {
-        "path": str(item.path),
-        "name": str(item.relative),
-        "outputs": {kind: str(path) for kind, path in paths.items()},
-        "class_index": prediction.class_index,
-        "label": loaded.label(prediction.class_index),
-        "probability": round(prediction.probability, 6),
-        "target": prediction.target,
-        "relevance_sum": float(prediction.relevance.sum(dtype=np.float64)),
-        "ms": round(ms, 2),
-        "error": None,
-    }
-
-
-def failure_record(item: ImageItem, error: str) -> dict:
-    return {
-        "path": str(item.path),
-        "name": str(item.relative),
-        "outputs": {},
-        "class_index": None,
-        "label": None,
-        "probability": None,
-        "target": None,
-        "relevance_sum": None,
-        "ms": None,
-        "error": error,
-    }
-
-
-def completed_paths(manifest: Path) -> set[str]:
-    """Inputs a previous run finished: recorded without error and with every output file present."""
-    done: set[str] = set()
-    if not manifest.exists():
-        return done
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash: that image is simply redone
-        if record.get("error") is None and all(Path(p).exists() for p in record.get("outputs", {}).values()):
-            done.add(record["path"])
-    return done
+def _guard_workers(loader: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    """The loader's batches; a decoding worker that died (the system's out-of-memory killer, a signal)
+    becomes an EnvironmentFailure with what to do."""
+    try:
+        yield from loader
+    except RuntimeError as error:
+        raise worker_failure(error) or error from None
 
 
 class Reporter:
-    """Manifest lines (flushed one by one), optional JSON on stdout, errors on stderr."""
+    """Manifest lines (each written whole), optional JSON on stdout, errors on stderr."""
 
-    def __init__(self, manifest: Path, append: bool, json_out: TextIO | None, err: TextIO) -> None:
-        manifest.parent.mkdir(parents=True, exist_ok=True)
-        if not append:
-            atomic_write(manifest, b"")
-        self.file = manifest.open("a", encoding="utf-8")
-        self.json_out, self.err = json_out, err
+    def __init__(self, writer: ManifestWriter, json_out: TextIO | None, err: TextIO) -> None:
+        self.writer, self.json_out, self.err = writer, json_out, err
         self.failed = 0
         self.succeeded = 0
 
     def record(self, record: dict) -> None:
-        line = json.dumps(record, ensure_ascii=False)
-        self.file.write(line + "\n")
-        self.file.flush()
-        if self.json_out is not None:
-            self.json_out.write(line + "\n")
-            self.json_out.flush()
+        line = self.writer.append(record)
         if record["error"] is not None:
             self.failed += 1
             self.err.write(f"lrp-heatmap: skipped {record['path']}: {record['error']}\n")
         else:
             self.succeeded += 1
-
-    def close(self) -> None:
-        self.file.close()
+        if self.json_out is not None:
+            try:
+                self.json_out.write(line + "\n")
+                self.json_out.flush()
+            except BrokenPipeError:
+                self.json_out = None
+                raise StdoutClosed from None
 
 
 def run(
@@ -235,26 +240,57 @@ def run(
     quiet: bool = False,
     stdin: Iterable[str] | None = None,
 ) -> int:
-    """The whole job; returns the exit code (0 all good, 1 some inputs failed, 130 interrupted)."""
-    items = discover(inputs, stdin)
-    out_dir = Path(config.output)
+    """The whole job; returns the exit code (0 all good, 1 some inputs failed, 130 interrupted, 141
+    stdout closed). Usage problems raise RunError (exit 2), machine failures EnvironmentFailure (3)."""
+    out_dir = Path(os.path.abspath(config.output))
+    items = discover(inputs, stdin, exclude=out_dir)
+    check_inputs_kept(items, out_dir, config)
+    lock = FolderLock(out_dir).acquire()
+    try:
+        return _run_locked(config, items, lock, resume, json_output, quiet)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    config: Config, items: list[ImageItem], lock: FolderLock, resume: bool, json_output: bool, quiet: bool
+) -> int:
+    err = sys.stderr
+    out_dir = lock.folder
+    if lock.taken_over:
+        err.write(
+            f"lrp-heatmap: took over the lock of a run that ended without releasing it ({lock.taken_over})\n"
+        )
+    removed = remove_stale_temporaries(out_dir)
+    if removed:
+        err.write(f"lrp-heatmap: removed {removed} unfinished temporary file(s) left by a killed run\n")
     manifest = out_dir / MANIFEST
-    if resume:
-        done = completed_paths(manifest)
-        items = [item for item in items if str(item.path) not in done]
+    state = read_manifest(manifest) if resume else ManifestState()
+    items = [item for item in items if str(item.path) not in state.done]
+    resolve_device(config.device)  # a missing GPU is reported before the model loads
     loaded = load_model(config.model, config.weights, config.mean, config.std)
     device, explainer = prepare_engine(config, loaded)
     if device.type == "cuda":  # every batch has one shape: let cuDNN time its kernels once and keep the best
         torch.backends.cudnn.benchmark = True
-    signed = explainer.composite.signed
-    reporter = Reporter(manifest, append=resume, json_out=sys.stdout if json_output else None, err=sys.stderr)
+    if state.torn_bytes:
+        err.write(
+            f"lrp-heatmap: {manifest} ended in an incomplete record ({state.torn_bytes} bytes, cut by a crash "
+            "or a full disk); removed it, its image is done again\n"
+        )
+    for number in state.bad_lines:
+        err.write(f"lrp-heatmap: {manifest} line {number} is not a manifest record; ignored\n")
+    writer = ManifestWriter(
+        manifest, fresh=not resume, keep_bytes=state.whole_bytes if state.torn_bytes else None
+    )
+    reporter = Reporter(writer, sys.stdout if json_output else None, err)
     bar = None
-    if not (json_output or quiet) and sys.stderr.isatty():
+    if not (json_output or quiet) and err.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=len(items), unit="img", file=sys.stderr)
+        bar = tqdm(total=len(items), unit="img", file=err)
     pending: deque[Future] = deque()
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lrp-writer")
+    signed = explainer.composite.signed
 
     def drain(limit: int) -> None:
         while pending and (len(pending) > limit or pending[0].done()):
@@ -263,42 +299,58 @@ def run(
                 bar.update(1)
 
     try:
-        for predictions, failures in explained_batches(config, items, loaded, explainer, device):
+        for predictions, failures in explained_batches(config, items, loaded, explainer, device, err):
             for item, error in failures:
                 reporter.record(failure_record(item, error))
             for prediction in predictions:
-                pending.append(pool.submit(_render_safely, prediction, config, signed, out_dir, loaded))
+                pending.append(pool.submit(render_outputs, prediction, config, signed, out_dir, loaded))
             drain(limit=4 * config.batch_size)
         drain(limit=0)
     except KeyboardInterrupt:
-        for future in pending:
-            future.cancel()
-        finished = [f for f in pending if not f.cancelled()]
-        pending.clear()
-        pending.extend(finished)
-        drain(limit=0)
-        sys.stderr.write(
+        _finish(pending, drain)
+        err.write(
             f"lrp-heatmap: interrupted after {reporter.succeeded} image(s); finished outputs are complete, "
             "run again with --resume to continue\n"
         )
         return EXIT_INTERRUPTED
+    except StdoutClosed:
+        _finish(pending, drain)
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except BaseException:
+        with suppress(Exception):  # keep what is finished; the failure itself is what gets reported
+            _finish(pending, drain)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        reporter.close()
+        writer.close()
         if bar is not None:
             bar.close()
     if not quiet and not json_output:
-        sys.stderr.write(
+        err.write(
             f"lrp-heatmap: {reporter.succeeded} explained, {reporter.failed} failed; manifest {manifest}\n"
         )
     return EXIT_FAILED_INPUTS if reporter.failed else EXIT_OK
 
 
-def _render_safely(
-    prediction: Prediction, config: Config, signed: bool, out_dir: Path, loaded: LoadedModel
-) -> dict:
-    """A file that decoded for the model but cannot be written or re-read becomes a failure record."""
+def _finish(pending: deque[Future], drain: Callable[[int], None]) -> None:
+    """Cancel the writes not yet started and record the ones already running or done."""
+    for future in pending:
+        future.cancel()
+    finished = [f for f in pending if not f.cancelled()]
+    pending.clear()
+    pending.extend(finished)
+    while pending:  # if stdout closes meanwhile, the rest still goes to the manifest
+        with suppress(StdoutClosed):
+            drain(0)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush at exit does not fail again."""
     try:
-        return render_outputs(prediction, config, signed, out_dir, loaded)
-    except (OSError, ValueError) as error:
-        return failure_record(prediction.item, f"could not write outputs: {error}")
+        descriptor = sys.stdout.fileno()
+    except (OSError, ValueError):
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, descriptor)
+    os.close(null)

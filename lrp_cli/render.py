@@ -25,10 +25,13 @@ SAVE_OPTIONS: dict[str, dict] = {
 }
 
 
+TEMP_SUFFIX = ".lrp.tmp"  # hidden temporaries end in this: a run removes those a killed run left
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder and rename: a file is whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)

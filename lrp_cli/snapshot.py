@@ -22,11 +22,13 @@ from typing import Any
 from xml.etree import ElementTree
 
 import numpy as np
+import torch
 from PIL import Image
 
 from . import __version__
 from .config import Config
 from .data import ImageItem, discover
+from .lrp import Explainer
 from .models import LoadedModel, load_model
 from .pipeline import explained_batches, prepare_engine
 from .render import atomic_write, colorize, image_bytes, normalise, relevance_map
@@ -66,6 +68,7 @@ class Comparison:
     mean_diff: float | None = None
     iou: float | None = None
     reasons: list[str] = field(default_factory=list)
+    diff: str | None = None  # the side-by-side image written for a drift, where one could be drawn
 
 
 def file_hash(path: Path) -> str:
@@ -122,10 +125,11 @@ def _map_name(item_name: str) -> str:
 
 
 def compute_maps(
-    config: Config, items: Sequence[ImageItem], loaded: LoadedModel
+    config: Config, items: Sequence[ImageItem], loaded: LoadedModel, engine: tuple[torch.device, Explainer]
 ) -> Iterable[tuple[ImageItem, np.ndarray | None, str | None]]:
-    """(item, (H, W) relevance map or None, error) for every item, in order."""
-    device, explainer = prepare_engine(config, loaded)
+    """(item, (H, W) relevance map or None, error) for every item, in order, by ``engine`` (from
+    :func:`prepare_engine`)."""
+    device, explainer = engine
     for predictions, failures in explained_batches(config, items, loaded, explainer, device):
         for item, error in failures:
             yield item, None, error
@@ -135,12 +139,13 @@ def compute_maps(
 
 def record(config: Config, inputs: Sequence[str], directory: Path, stdin: Iterable[str] | None = None) -> int:
     """Write a snapshot of every input's relevance map; returns the exit code (1 if any input failed)."""
-    items = discover(inputs, stdin)
+    items = discover(inputs, stdin, exclude=directory)
     loaded = load_model(config.model, config.weights, config.mean, config.std)
+    engine = prepare_engine(config, loaded)  # also resolves composite "auto" to the preset used
     directory.mkdir(parents=True, exist_ok=True)
     images: dict[str, Any] = {}
     failed = 0
-    for item, heat, error in compute_maps(config, items, loaded):
+    for item, heat, error in compute_maps(config, items, loaded, engine):
         name = str(item.relative)
         if heat is None:
             failed += 1
@@ -172,7 +177,7 @@ def load_snapshot(directory: Path) -> dict[str, Any]:
         raise SnapshotError(f"{directory}: no {METADATA} here; record one with 'lrp-heatmap snapshot record'")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: invalid JSON or invalid UTF-8
         raise SnapshotError(
             f"{path}: corrupt snapshot metadata ({error}); record the snapshot again"
         ) from error
@@ -181,9 +186,29 @@ def load_snapshot(directory: Path) -> dict[str, Any]:
         raise SnapshotError(f"{path}: not a snapshot file (needs keys {', '.join(sorted(required))})")
     if document["format"] != FORMAT:
         raise SnapshotError(
-            f"{path}: snapshot format {document['format']} is not supported (expected {FORMAT})"
+            f"{path}: snapshot format {document['format']!r} is not supported (expected {FORMAT})"
         )
+    problem = _structure_problem(document)
+    if problem:
+        raise SnapshotError(f"{path}: corrupt snapshot metadata ({problem}); record the snapshot again")
     return document
+
+
+def _structure_problem(document: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed snapshot.json's layout, if anything."""
+    if not isinstance(document["model"], str) or not isinstance(document["weights_sha256"], str):
+        return "'model' and 'weights_sha256' must be strings"
+    if not isinstance(document["settings"], dict):
+        return f"'settings' must be a mapping, got {document['settings']!r}"
+    if not isinstance(document["images"], dict):
+        return f"'images' must be a mapping, got {document['images']!r}"
+    for name, entry in document["images"].items():
+        if not isinstance(entry, dict):
+            return f"image {name!r} must be a mapping, got {entry!r}"
+        scale = entry.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, int | float):
+            return f"image {name!r}: 'scale' must be a number, got {scale!r}"
+    return None
 
 
 def metrics(recorded: np.ndarray, current: np.ndarray, fraction: float) -> dict[str, float]:
@@ -241,6 +266,7 @@ def diff_image(recorded: np.ndarray, current: np.ndarray) -> Image.Image:
 class CheckReport:
     comparisons: list[Comparison]
     changes: list[str]  # model / weights / settings differences
+    diff_dir: Path | None = None  # where diff images of failing images went
 
     @property
     def passed(self) -> bool:
@@ -257,7 +283,7 @@ def check(
 ) -> CheckReport:
     """Recompute every input's map and compare it with the snapshot."""
     document = load_snapshot(directory)
-    items = discover(inputs, stdin)
+    items = discover(inputs, stdin, exclude=diff_dir)
     loaded = load_model(config.model, config.weights, config.mean, config.std)
     changes = []
     if document["model"] != loaded.name:
@@ -265,6 +291,7 @@ def check(
         return CheckReport([], changes)
     if document["weights_sha256"] != loaded.weights_hash:
         changes.append(f"weights changed: recorded {document['weights_sha256']}, now {loaded.weights_hash}")
+    engine = prepare_engine(config, loaded)  # also resolves composite "auto" to the preset used
     settings = heatmap_settings(config)
     for key in HEATMAP_KEYS:
         if document["settings"].get(key) != settings[key]:
@@ -274,7 +301,7 @@ def check(
     recorded_images: dict[str, Any] = document["images"]
     comparisons = []
     seen = set()
-    for item, heat, error in compute_maps(config, items, loaded):
+    for item, heat, error in compute_maps(config, items, loaded, engine):
         name = str(item.relative)
         seen.add(name)
         if name not in recorded_images:
@@ -300,11 +327,12 @@ def check(
             result.status = "drift"
             result.reasons.insert(0, "input file changed since recording")
         if result.status != "pass" and diff_dir is not None:
-            atomic_write(diff_dir / f"{name}.diff.png", image_bytes(diff_image(recorded, current)))
+            result.diff = str(diff_dir / f"{name}.diff.png")
+            atomic_write(Path(result.diff), image_bytes(diff_image(recorded, current)))
         comparisons.append(result)
     for name in sorted(set(recorded_images) - seen):
         comparisons.append(Comparison(name, "missing", reasons=["recorded but not among the inputs"]))
-    return CheckReport(comparisons, changes)
+    return CheckReport(comparisons, changes, diff_dir)
 
 
 def format_table(report: CheckReport) -> str:
@@ -321,7 +349,15 @@ def format_table(report: CheckReport) -> str:
             f"{number(c.mean_diff, 4):>9} {number(c.iou, 3):>6}  {verdict}"
         )
     failed = sum(c.status != "pass" for c in report.comparisons)
-    lines.append(f"{len(report.comparisons) - failed} passed, {failed} failed")
+    summary = f"{len(report.comparisons) - failed} passed, {failed} failed"
+    if report.changes:  # the images may all be within tolerance, yet the check fails
+        summary = (
+            f"FAILED: the model or its settings changed since the recording ({len(report.changes)} "
+            f"change(s), listed above); heatmaps: {summary}"
+        )
+    lines.append(summary)
+    if any(c.diff for c in report.comparisons):
+        lines.append(f"diff images (recorded | current | difference): {report.diff_dir}")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -152,6 +153,11 @@ def test_run_writes_every_output_with_the_right_sizes(images, tmp_path):
         assert record["relevance_sum"] == pytest.approx(float(relevance.sum(dtype=np.float64)), rel=1e-5)
         assert 0 <= record["class_index"] < 1000 and isinstance(record["label"], str)
         assert record["target"] == record["class_index"]  # epsilon-plus-flat explains the predicted class
+        assert (record["predicted_index"], record["predicted_label"]) == (
+            record["class_index"],
+            record["label"],
+        )
+        assert Path(record["path"]).is_absolute() and record["path_bytes"] is None
     assert (out / "a" / "cat.heatmap.png").exists() and (out / "b" / "cat.png.heatmap.png").exists()
     assert not list(out.rglob("*.tmp"))
 
@@ -285,8 +291,10 @@ def test_overlay_blends_only_where_there_is_relevance(policy):
     [
         (["--topk", "0"], "'topk' = 0.0 is invalid; expected a value in (0.0, 1.0]"),
         (["--topk", "1.5"], "'topk' = 1.5"),
-        (["--device", "cuda"], "CUDA is not available"),
-        (["--composite", "nope"], "one of alpha1-beta0"),
+        (["--device", "cuda"], "CUDA is not available")
+        if not torch.cuda.is_available()  # with CUDA: a device beyond the ones present
+        else (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device(s) present"),
+        (["--composite", "nope"], "one of auto, alpha1-beta0"),
         (["--model", "vgg16"], "--weights FILE"),
         (["--model", "no.such.module:factory"], "cannot import"),
         (["--colormap", "virdis"], "did you mean 'viridis'"),
@@ -367,6 +375,8 @@ def test_ctrl_c_keeps_finished_outputs_and_resume_completes(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as in a terminal, even when the suite runs where SIGINT is ignored (a background job)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     manifest_file = out / "manifest.jsonl"
     deadline = time.monotonic() + 300

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .audit import Audit, audit, format_audit, summarize
 from .composites import COMPOSITES, Composite, get_composite, register_composite, rule_from_spec
 from .engine import Explainer, Explanation, Precision, Target
 from .filter import relevance_filter
@@ -21,6 +22,7 @@ __all__ = [
     "COMPOSITES",
     "RULES",
     "AlphaBeta",
+    "Audit",
     "Composite",
     "Epsilon",
     "Explainer",
@@ -36,7 +38,9 @@ __all__ = [
     "ZBox",
     "ZPlus",
     "attribute",
+    "audit",
     "explain",
+    "format_audit",
     "get_composite",
     "make_rule",
     "register_composite",
@@ -44,6 +48,7 @@ __all__ = [
     "relevance_filter",
     "retain_freed_memory",
     "rule_from_spec",
+    "summarize",
 ]
 
 
@@ -51,7 +56,7 @@ def attribute(
     model: nn.Module,
     inputs: torch.Tensor,
     *,
-    composite: str | Composite = "seed",
+    composite: str | Composite = "auto",
     topk: float = 1.0,
     target: Target = None,
     **options: Any,
@@ -64,14 +69,15 @@ def explain(
     model: nn.Module,
     inputs: torch.Tensor,
     *,
-    composite: str | Composite = "seed",
+    composite: str | Composite = "auto",
     topk: float = 1.0,
     target: Target = None,
     **options: Any,
 ) -> torch.Tensor:
     """Input relevance (N, C, H, W) of ``model`` for ``inputs``, on the inputs' device.
 
-    ``composite``: preset name (see ``COMPOSITES``) or a :class:`Composite`. ``topk``: relevance-filter
+    ``composite``: preset name (see ``COMPOSITES``), ``"auto"`` (the default: ``attnlrp`` for models
+    with attention, ``epsilon-plus-flat`` otherwise) or a :class:`Composite`. ``topk``: relevance-filter
     fraction, 1.0 = off. ``target``: None (the composite's start: the predicted class, or the softmax
     over all classes for ``seed``), a class index, one index per sample, ``"predicted"``,
     ``"softmax"``, or a float tensor of start relevance shaped like the logits. ``options`` go to

@@ -22,6 +22,9 @@ class Composite:
     explanation starts from when no target is given: ``"predicted"`` (one-hot on the top class) or
     ``"softmax"`` (the seed's unsupervised start over all classes). ``maxpool`` is ``"winner"``
     (winner-take-all) or ``"average"`` (as the average pool of the same window, like the seed).
+    ``attention``: ``"attnlrp"`` explains softmax and products of two activations by AttnLRP's rules;
+    ``"cp"`` holds attention weights constant (CP-LRP), so relevance reaches only the values.
+    ``stabilizer`` is the epsilon of pools, additions, normalisers and products.
     """
 
     name: str = "custom"
@@ -31,6 +34,7 @@ class Composite:
     maxpool: Literal["winner", "average"] = "winner"
     start: Literal["predicted", "softmax"] = "predicted"
     stabilizer: float = 1e-6
+    attention: Literal["attnlrp", "cp"] = "attnlrp"
 
     def rule_for(self, path: str, layer_type: str, first: bool) -> Rule:
         """The rule for one layer (``path`` may join a conv and its folded batch norm with '+')."""
@@ -57,13 +61,14 @@ class Composite:
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Composite:
         """A copy with rules replaced: keys are layer types, ``first`` or module-name patterns; values a
-        rule name or a mapping ``{rule: NAME, PARAM: VALUE...}``; plus ``maxpool``/``start``/``stabilizer``."""
+        rule name or a mapping ``{rule: NAME, PARAM: VALUE...}``; plus ``maxpool``/``start``/``stabilizer``/
+        ``attention``."""
         layer_map = dict(self.layer_map)
         name_map = list(self.name_map)
         first = self.first
         settings: dict[str, Any] = {}
         for key, value in overrides.items():
-            if key in ("maxpool", "start", "stabilizer"):
+            if key in ("maxpool", "start", "stabilizer", "attention"):
                 settings[key] = value
                 continue
             rule = rule_from_spec(value, where=key)
@@ -100,18 +105,42 @@ def register_composite(name: str) -> Callable[[Callable[[], Composite]], Callabl
     return register
 
 
+AUTO = "auto"
+"""Not a preset: ``attnlrp`` for models with attention (a softmax or a product of two activations),
+``epsilon-plus-flat`` for the rest."""
+
+
 def get_composite(composite: str | Composite) -> Composite:
     if isinstance(composite, Composite):
         return composite
     if composite not in COMPOSITES:
-        raise ValueError(f"unknown composite {composite!r}; presets: {', '.join(sorted(COMPOSITES))}")
+        known = ", ".join([AUTO, *sorted(COMPOSITES)])
+        raise ValueError(f"unknown composite {composite!r}; presets: {known}")
     return COMPOSITES[composite]()
+
+
+def resolve_composite(composite: str | Composite, program: Any) -> str | Composite:
+    """Replace ``"auto"`` by the preset that fits the traced ``program``."""
+    if composite != AUTO:
+        return composite
+    return "attnlrp" if has_attention(program) else "epsilon-plus-flat"
+
+
+def has_attention(program: Any) -> bool:
+    from .ops import Product, Softmax
+
+    return any(
+        isinstance(s.op, Softmax)
+        or (isinstance(s.op, Product) and sum(r in ("value", "attention") for r in s.op.roles) == 2)
+        for s in program.steps
+    )
 
 
 @register_composite("seed")
 def seed() -> Composite:
     """The seed implementation: z+ everywhere without bias, ones as the first layer's input, max pools
-    explained as average pools, relevance starting from the softmax over all classes."""
+    explained as average pools, relevance starting from the softmax over all classes, and one
+    stabiliser (1e-5) for convolutions and pools alike."""
     zplus = ZPlus(epsilon=1e-5, zero_bias=True)
     return Composite(
         name="seed",
@@ -119,6 +148,7 @@ def seed() -> Composite:
         first=ZPlus(epsilon=1e-5, zero_bias=True, ones_input=True),
         maxpool="average",
         start="softmax",
+        stabilizer=1e-5,
     )
 
 
@@ -142,6 +172,20 @@ def epsilon_alpha2_beta1_flat() -> Composite:
         layer_map={"conv": AlphaBeta(2.0, 1.0), "linear": Epsilon()},
         first=Flat(),
     )
+
+
+@register_composite("attnlrp")
+def attnlrp() -> Composite:
+    """AttnLRP (Achtibat et al., 2024): epsilon in dense and conv layers; softmax by its Taylor rule,
+    products of two activations in halves, normalisers with their scale held constant."""
+    return Composite(name="attnlrp", layer_map={"conv": Epsilon(), "linear": Epsilon()}, attention="attnlrp")
+
+
+@register_composite("cp-lrp")
+def cp_lrp() -> Composite:
+    """CP-LRP (Ali et al., 2022): as ``attnlrp``, but attention weights are held constant, so relevance
+    flows only through the values, never into queries and keys."""
+    return Composite(name="cp-lrp", layer_map={"conv": Epsilon(), "linear": Epsilon()}, attention="cp")
 
 
 def _uniform(name: str, rule: Rule) -> None:

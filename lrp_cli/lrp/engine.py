@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -10,10 +11,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .composites import Composite, get_composite
+from .composites import Composite, get_composite, resolve_composite
 from .filter import relevance_filter
 from .graph import Program, Step, build_program
-from .ops import ShapeOf, UnsupportedOperationError, Weighted
+from .ops import Constant, ShapeOf, Subprogram, UnsupportedOperationError, Weighted
 from .rules import KEEP, AlphaBeta, Rule, ZBox, stabilize
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -74,12 +75,14 @@ class Explainer:
     (about twice as fast; float32 rounding ~1e-5 of a layer's range instead of ~2e-6, so logits match the
     model's to about 1e-5 relative). ``False`` keeps every convolution direct.
     ``mean``/``std``: the model's input normalisation, from which the z^B rule's box is derived.
+    ``composite``: a preset name, a :class:`Composite`, or ``"auto"`` (``attnlrp`` for models with
+    attention, ``epsilon-plus-flat`` otherwise); ``rules``: overrides on top of it, as in the config.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        composite: str | Composite = "seed",
+        composite: str | Composite = "auto",
         topk: float = 1.0,
         *,
         renormalize: bool = False,
@@ -89,12 +92,19 @@ class Explainer:
         trace: bool = False,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        rules: Mapping[str, Any] | None = None,
     ) -> None:
         if not 0.0 < topk <= 1.0:
             raise ValueError(f"topk must be in (0, 1], got {topk}")
         if precision not in ("fp32", *LOW_PRECISION):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-        self.composite = get_composite(composite)
+        self.program: Program = build_program(model)
+        self._steps_by_node = {step.node: step for step in self.program.steps}
+        self.composite = get_composite(resolve_composite(composite, self.program))
+        if rules:
+            self.composite = self.composite.with_overrides(rules)
+        self.attention = self.composite.attention
+        self._check_supported()
         self.topk = topk
         self.renormalize = renormalize
         self.precision = precision
@@ -103,17 +113,49 @@ class Explainer:
         self.trace_enabled = trace
         self.maxpool = self.composite.maxpool
         self.stabilizer = self.composite.stabilizer
-        self.program: Program = build_program(model)
         parameter = next(model.parameters(), None)
-        self.model_dtype = parameter.dtype if parameter is not None else torch.float32
+        # a model without parameters computes in its input's dtype
+        self.model_dtype: torch.dtype | None = parameter.dtype if parameter is not None else None
         self.bounds = self._bounds(mean, std)
         self._arg_nodes = {step.node: _flat_nodes(step.node) for step in self.program.steps}
         self._assign_rules()
         self._last_use = self._last_forward_use()
         self._constant_terms: dict[tuple, torch.Tensor] = {}
         self._constant_inputs: dict[tuple, torch.Tensor] = {}
+        self.observer: Callable[[Step, Any, list[Any]], None] | None = None  # sees every step's split
+        self._block = False  # a module traced per input shape, inside another program
 
     # --- set-up ---------------------------------------------------------------------------------
+
+    def reachable(self) -> set[fx.Node]:
+        """Nodes that relevance can reach from the output under this composite's attention mode."""
+        reached = {self.program.output_node.args[0]}
+        for step in reversed(self.program.steps):
+            if step.node in reached:
+                for index, source in enumerate(_flat_nodes(step.node)):
+                    if step.op.receives(index, self.attention):
+                        reached.add(source)
+        return reached
+
+    def nonnegative_input(self, op: Weighted) -> bool:
+        """Whether a weighted layer's input is known to be >= 0 (e.g. after a ReLU)."""
+        return self._nonnegative_input[id(op)]
+
+    def program_kind(self, node: fx.Node) -> str:
+        """``activation``, ``static`` or ``shape`` (see :mod:`.graph`) for a node of the program."""
+        step = self._steps_by_node.get(node)
+        return "activation" if step is None else step.kind
+
+    def _check_supported(self) -> None:
+        """Name every operation relevance would pass through without a rule, all at once."""
+        reached = self.reachable()
+        missing = [s for s in self.program.unsupported if s.node in reached]
+        if missing:
+            listed = "; ".join(s.op.description for s in missing)
+            raise UnsupportedOperationError(
+                f"no LRP propagation for {len(missing)} operation(s): {listed}. Run `lrp-heatmap doctor` "
+                "for the full table; register a rule or make the module a leaf the engine knows"
+            )
 
     @staticmethod
     def _bounds(mean: Sequence[float] | None, std: Sequence[float] | None) -> tuple[torch.Tensor, ...] | None:
@@ -126,7 +168,9 @@ class Explainer:
     def _assign_rules(self) -> None:
         steps = {step.node: step for step in self.program.steps}
         self._nonnegative_input = {
-            id(step.op): all(src in steps and steps[src].nonnegative for src in self._arg_nodes[step.node])
+            id(step.op): all(
+                src in steps and steps[src].nonnegative for src in self._arg_nodes[step.node][:1]
+            )
             for step in self.program.steps
             if isinstance(step.op, Weighted)
         }
@@ -154,9 +198,10 @@ class Explainer:
 
     def __call__(self, inputs: torch.Tensor, target: Target = None) -> Explanation:
         """Explain one batch; ``target`` as in :func:`lrp_cli.lrp.explain`."""
-        dtype = LOW_PRECISION.get(self.precision, self.model_dtype)
+        model_dtype = self.model_dtype or (inputs.dtype if inputs.is_floating_point() else torch.float32)
+        dtype = LOW_PRECISION.get(self.precision, model_dtype)
         self._dtype = dtype
-        self._relevance_dtype = torch.float32 if self.precision != "fp32" else self.model_dtype
+        self._relevance_dtype = torch.float32 if self.precision != "fp32" else model_dtype
         channels_last = inputs.dim() == 4 if self.channels_last is None else self.channels_last
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         x = inputs.to(dtype)
@@ -169,9 +214,7 @@ class Explainer:
         if relevance is None:
             relevance = torch.zeros_like(inputs, dtype=self._relevance_dtype)
         return Explanation(
-            relevance=relevance.to(torch.float32 if self.precision != "fp32" else self.model_dtype)
-            .reshape(inputs.shape)
-            .contiguous(),
+            relevance=relevance.to(self._relevance_dtype).reshape(inputs.shape).contiguous(),
             logits=logits.float() if self.precision != "fp32" else logits,
             targets=targets,
             start=start,
@@ -185,6 +228,9 @@ class Explainer:
         logits_node = program.output_node.args[0]
         for index, step in enumerate(program.steps):
             node, op = step.node, step.op
+            if isinstance(op, Constant):
+                env[node] = op.value
+                continue
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
             if isinstance(op, Weighted):
@@ -192,6 +238,8 @@ class Explainer:
                 size = tuple(args[0].shape[-2:])
                 filters = op.layer.winograd_filters(KEEP, self._dtype, size) if self.winograd else None
                 value = op.layer.apply(args[0], weight, bias, filters)
+                if op.after is not None:
+                    value = op.after(value)
             else:
                 value = op.forward(*args, **kwargs)
             env[node] = value
@@ -201,6 +249,8 @@ class Explainer:
                 if self._last_use.get(source) == index and source is not logits_node:
                     env.pop(source, None)
         logits = env[logits_node]
+        if self._block:
+            return logits, kept
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             raise UnsupportedOperationError(
                 f"the model's output must be class scores of shape (N, classes), got "
@@ -270,6 +320,8 @@ class Explainer:
             if step.op.keeps == "nothing":
                 inputs = [None] * len(self._arg_nodes[node])
             outgoing = step.op.propagate(incoming, inputs, output, self)
+            if self.observer is not None:
+                self.observer(step, incoming, outgoing)
             for index, (source, part) in enumerate(zip(self._arg_nodes[node], outgoing)):
                 if part is None:
                     continue
@@ -278,6 +330,38 @@ class Explainer:
                     trace[key] = part if key not in trace else trace[key] + part
                 relevance[source] = _add(relevance.get(source), part)
         return relevance.pop(program.input_node, None), trace
+
+    def explain_block(self, op: Subprogram, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+        """Input relevance of a module that could only be traced for a given input shape."""
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in op.programs:
+            op.programs[key] = self._child(build_program(op.module, x), op.path)
+        child = op.programs[key]
+        child._dtype, child._relevance_dtype, child._memory_format = (
+            self._dtype,
+            self._relevance_dtype,
+            self._memory_format,
+        )
+        _, kept = child._forward(x)
+        result, _ = child._backward(relevance, kept)
+        return torch.zeros_like(relevance.new_empty(x.shape)) if result is None else result
+
+    def _child(self, program: Program, prefix: str) -> Explainer:
+        """An explainer for a block's own program, with this one's composite and settings."""
+        child = copy.copy(self)
+        child.program = program
+        child._block = True
+        for op in program.weighted:
+            op.path, op.first = f"{prefix}.{op.path}", False  # a block never sees the image itself
+        for step in program.steps:
+            step.path = f"{prefix}.{step.path}"
+        child._steps_by_node = {step.node: step for step in program.steps}
+        child._arg_nodes = {step.node: _flat_nodes(step.node) for step in program.steps}
+        child._assign_rules()
+        child._last_use = child._last_forward_use()
+        child._constant_terms, child._constant_inputs = {}, {}
+        child._check_supported()
+        return child
 
     # --- rules on weighted layers ---------------------------------------------------------------
 
