@@ -7,6 +7,7 @@ cannot take the sweep down.
 
     python benchmarks/coverage.py                       # both sweeps -> docs/coverage-cpu.md
     python benchmarks/coverage.py --only timm --limit 5  # a quick look
+    python benchmarks/coverage.py --records run1.log     # go on after an interrupted sweep
 """
 
 from __future__ import annotations
@@ -106,6 +107,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="at most this many models per sweep")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=Path("docs/coverage-cpu.md"))
+    parser.add_argument(
+        "--records",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="JSON lines of earlier runs: those models are not run again",
+    )
     args = parser.parse_args()
     if args.one:
         try:
@@ -120,26 +128,45 @@ def main() -> None:
 
     import torchvision
 
-    sweeps: dict[str, list[tuple[str, str]]] = {}
+    planned: dict[str, list[tuple[str, str]]] = {}
     if args.only in (None, "torchvision"):
         names = sorted(torchvision.models.list_models(module=torchvision.models))
-        sweeps["torchvision"] = [("torchvision", n) for n in names]
+        planned["torchvision"] = [("torchvision", n) for n in names]
     if args.only in (None, "timm"):
-        sweeps["timm"] = [(family, f"timm:{n}") for family, ns in TIMM_FAMILIES.items() for n in ns]
-    lines = ["# Model coverage (CPU, random initialisation, batch 2, composite `auto`)", ""]
-    lines += [
-        f"Command: `python benchmarks/coverage.py`; each model in a fresh process, {args.timeout:.0f} s limit.",
-        "",
-    ]
-    for sweep, models in sweeps.items():
+        planned["timm"] = [(family, f"timm:{n}") for family, ns in TIMM_FAMILIES.items() for n in ns]
+    done = _load_records(args.records)
+    sweeps: dict[str, list[dict]] = {}
+    for sweep, models in planned.items():
         if args.limit:
             models = models[: args.limit]
-        records = []
         for family, name in models:
-            record = run(name, args.timeout)
+            record = done.get(name) or run(name, args.timeout)
             record["family"] = family
-            records.append(record)
-            print(json.dumps(record), flush=True)
+            sweeps.setdefault(sweep, []).append(record)
+            if name not in done:
+                print(json.dumps(record), flush=True)
+    args.out.write_text(report(sweeps, args.timeout))
+    print(f"wrote {args.out}")
+
+
+def _load_records(paths: list[Path]) -> dict[str, dict]:
+    """Records printed by earlier runs (JSON lines), by model: a long sweep can go on where it stopped."""
+    records: dict[str, dict] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                records[record["model"]] = record
+    return records
+
+
+def report(sweeps: dict[str, list[dict]], timeout: float) -> str:
+    lines = ["# Model coverage (CPU, random initialisation, batch 2, composite `auto`)", ""]
+    lines += [
+        f"Command: `python benchmarks/coverage.py`; each model in a fresh process, {timeout:.0f} s limit.",
+        "",
+    ]
+    for sweep, records in sweeps.items():
         passed = sum(r["ok"] for r in records)
         lines += [
             f"## {sweep}: {passed}/{len(records)} explained ({100 * passed / max(len(records), 1):.0f}%)",
@@ -156,8 +183,7 @@ def main() -> None:
                 f"| {r['family']} | {r['model']} | {result} | {error} | {r.get('composite', '')} | {r.get('seconds', '')} |"
             )
         lines.append("")
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

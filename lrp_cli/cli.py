@@ -295,7 +295,14 @@ interrupt.disarm()  # importing the CLI leaves Ctrl-C alone; main() arms the ear
 def main() -> None:
     """Console-script entry point."""
     interrupt.arm()  # until a command starts (see lrp_cli.interrupt)
-    app(prog_name="lrp-heatmap")
+    try:
+        app(prog_name="lrp-heatmap", standalone_mode=True)
+    except RuntimeError as error:  # torch reports a dead DataLoader worker from a signal handler, late
+        failure = worker_failure(error)
+        if failure is None:
+            raise
+        typer.echo(f"lrp-heatmap: error: {failure}", err=True)
+        sys.exit(EXIT_ENVIRONMENT)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,8 @@ def _guard_workers(loader: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]
     becomes an EnvironmentFailure with what to do."""
     try:
         yield from loader
+    except (EOFError, ConnectionError) as error:  # the worker's end of the queue vanished with it
+        raise worker_failure(RuntimeError(f"DataLoader worker exited unexpectedly ({error!r})")) from None
     except RuntimeError as error:
         raise worker_failure(error) or error from None
 

@@ -42,7 +42,9 @@ def test_doctor_lists_rules_and_accounts_for_relevance_on_a_vit():
 
 
 def test_doctor_json_and_cp_lrp_conserves_more():
-    done = runner.invoke(app, ["doctor", "timm:test_vit", "--weights", "none", "--json", "--composite", "cp-lrp"])
+    done = runner.invoke(
+        app, ["doctor", "timm:test_vit", "--weights", "none", "--json", "--composite", "cp-lrp"]
+    )
     assert done.exit_code == 0, done.output
     report = json.loads(done.output)
     assert report["ok"] is True and report["composite"] == "cp-lrp" and report["unsupported"] == []

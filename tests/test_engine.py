@@ -1,12 +1,18 @@
-"""The LRP engine: conservation, agreement with Zennit, hand-computed cases, filter, errors, no mutation."""
+"""The LRP engine: conservation, hand-computed cases, filter, errors, no mutation, targets, precision.
+
+Agreement with Zennit and the closed-form answer of every rule: tests/test_rules_reference.py; the seed
+preset against the seed method: tests/test_seed_reference.py.
+"""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import timm
 import torch
 import torchvision
-from conftest import bias_free
+from conftest import NarrowVGG16, bias_free
 from torch import nn
 
 from lrp_cli.lrp import (
@@ -18,47 +24,50 @@ from lrp_cli.lrp import (
     ZPlus,
     attribute,
     explain,
-    relevance_filter,
 )
-from lrp_cli.lrp import filter as filter_module
 
 tv = torchvision.models
 
 BIAS_FREE = {
-    "zplus": ZPlus(zero_bias=True),
+    "zplus": ZPlus(epsilon=1e-9, zero_bias=True),
     "epsilon": Epsilon(epsilon=1e-9, zero_bias=True),
     "alpha2-beta1": AlphaBeta(2.0, 1.0, epsilon=1e-9, zero_bias=True),
 }
 
+# factory, input size, tolerance on |sum R_in - sum R_out| (start total 1): about ten times the largest
+# error measured over the three rules (in brackets), what the 1e-9 stabilisers let through
 CONSERVATION_MODELS = {
-    "vgg16": (tv.vgg16, 32),
-    "resnet18": (tv.resnet18, 64),
-    "mobilenet_v2": (tv.mobilenet_v2, 64),
-    "densenet121": (tv.densenet121, 64),
-    "tf_efficientnet_lite0": (lambda: timm.create_model("tf_efficientnet_lite0"), 64),
+    "vgg16": (NarrowVGG16, 32, 1e-6),  # [1.0e-7] VGG16's convolutions, a narrow classifier
+    "resnet18": (tv.resnet18, 64, 1e-6),  # [1.3e-7]
+    "mobilenet_v2": (tv.mobilenet_v2, 64, 5e-6),  # [6.8e-7]
+    "densenet121": (tv.densenet121, 64, 1e-6),  # [1.2e-7]
+    "tf_efficientnet_lite0": (lambda: timm.create_model("tf_efficientnet_lite0"), 64, 1e-4),  # [2.9e-5]
 }
 
 
 @pytest.fixture(scope="module", params=list(CONSERVATION_MODELS))
 def bias_free_model(request):
-    factory, size = CONSERVATION_MODELS[request.param]
+    factory, size, tolerance = CONSERVATION_MODELS[request.param]
     torch.manual_seed(0)
-    return request.param, bias_free(factory().double(), size), size
+    return bias_free(factory().double(), size), size, tolerance
 
 
 @pytest.mark.parametrize("rule", list(BIAS_FREE))
 def test_conservation_on_bias_free_models(bias_free_model, rule):
-    _, model, size = bias_free_model
+    model, size, tolerance = bias_free_model
     composite = Composite(layer_map={"conv": BIAS_FREE[rule], "linear": BIAS_FREE[rule]}, stabilizer=1e-9)
     x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     result = attribute(model, x, composite=composite, target=[1, 2])
     totals = result.relevance.sum(dim=(1, 2, 3))
-    torch.testing.assert_close(totals, result.start.sum(dim=1), rtol=1e-4, atol=0)
+    torch.testing.assert_close(totals, torch.ones(2, dtype=torch.float64), rtol=0, atol=tolerance)
+    torch.testing.assert_close(result.start.sum(dim=1), torch.ones(2, dtype=torch.float64), rtol=0, atol=0)
 
 
 def test_conservation_layer_by_layer_vgg16():
-    model = bias_free(tv.vgg16().double(), 32)
-    composite = Composite(layer_map={"conv": BIAS_FREE["zplus"], "linear": BIAS_FREE["zplus"]})
+    model = bias_free(NarrowVGG16().double(), 32)
+    composite = Composite(
+        layer_map={"conv": BIAS_FREE["zplus"], "linear": BIAS_FREE["zplus"]}, stabilizer=1e-9
+    )
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     result = attribute(model, x, composite=composite, target=5, trace=True)
     weighted = [k for k in result.trace if k.startswith(("features.", "classifier."))]
@@ -67,8 +76,8 @@ def test_conservation_layer_by_layer_vgg16():
         torch.testing.assert_close(
             result.trace[key].sum(dim=tuple(range(1, result.trace[key].dim()))),
             torch.ones(2, dtype=torch.float64),
-            rtol=1e-4,
-            atol=0,
+            rtol=0,
+            atol=3e-7,  # measured 2.9e-8
             msg=key,
         )
 
@@ -76,69 +85,15 @@ def test_conservation_layer_by_layer_vgg16():
 def test_conservation_across_residual_cut_resnet18():
     """The relevance entering a residual stage splits between its main and shortcut branch, summing to 1."""
     model = bias_free(tv.resnet18().double(), 64)
-    composite = Composite(layer_map={"conv": BIAS_FREE["zplus"], "linear": BIAS_FREE["zplus"]})
+    composite = Composite(
+        layer_map={"conv": BIAS_FREE["zplus"], "linear": BIAS_FREE["zplus"]}, stabilizer=1e-9
+    )
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
     trace = attribute(model, x, composite=composite, target=0, trace=True).trace
     for stage in ("layer2", "layer3", "layer4"):
         total = trace[f"{stage}.0.conv1"].sum() + trace[f"{stage}.0.downsample.0"].sum()
-        assert abs(total.item() - 1.0) < 1e-4, stage
+        assert abs(total.item() - 1.0) < 1e-8, stage  # measured 1.3e-9
         assert 0 < trace[f"{stage}.0.conv1"].sum() < 1
-
-
-# --- agreement with Zennit ------------------------------------------------------------------------
-
-
-def _zennit_relevance(model, x, composite, targets):
-    from zennit.attribution import Gradient
-
-    with Gradient(model=model, composite=composite) as attributor:
-        _, relevance = attributor(x, torch.eye(1000, dtype=x.dtype)[targets])
-    return relevance
-
-
-def _zennit_composite(name, canonizer):
-    from zennit.composites import EpsilonPlusFlat, LayerMapComposite, layer_map_base
-    from zennit.rules import AlphaBeta as ZAlphaBeta
-    from zennit.rules import Epsilon as ZEpsilon
-    from zennit.rules import ZPlus as ZZPlus
-    from zennit.types import Convolution
-
-    if name == "epsilon-plus-flat":
-        return EpsilonPlusFlat(canonizers=[canonizer])
-    rule = {"epsilon": ZEpsilon, "zplus": ZZPlus, "alpha2-beta1": ZAlphaBeta}[name]
-    return LayerMapComposite(
-        layer_map=[*layer_map_base(), (Convolution, rule()), (nn.Linear, rule())], canonizers=[canonizer]
-    )
-
-
-def _random_batchnorm(model):
-    """Non-trivial batch-norm statistics so folding matters. eps=0 because Zennit 0.5's merged batch
-    norm keeps dividing by sqrt(1 + eps), a 5e-6 scale error of its own."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g, dtype=m.running_mean.dtype) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g, dtype=m.running_var.dtype) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g, dtype=m.weight.dtype) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g, dtype=m.bias.dtype) * 0.1)
-            m.eps = 0.0
-    return model
-
-
-@pytest.mark.parametrize("arch", ["vgg16", "resnet18"])
-@pytest.mark.parametrize("composite", ["epsilon", "zplus", "alpha2-beta1", "epsilon-plus-flat"])
-def test_agrees_with_zennit(arch, composite):
-    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
-
-    torch.manual_seed(0)
-    model = _random_batchnorm(getattr(tv, arch)().double().eval())
-    canonizer = VGGCanonizer() if arch == "vgg16" else ResNetCanonizer()
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    ours = explain(model, x, composite=composite, target=[3, 7])
-    theirs = _zennit_relevance(model, x, _zennit_composite(composite, canonizer), [3, 7])
-    error = ((ours - theirs).norm() / theirs.norm()).item()
-    assert error <= 1e-4, error
 
 
 # --- hand-computed cases --------------------------------------------------------------------------
@@ -203,59 +158,7 @@ def test_addition_splits_by_contribution_by_hand():
     torch.testing.assert_close(result.relevance, torch.tensor([[1.0, 0.0]]).double())
 
 
-# --- relevance filter -----------------------------------------------------------------------------
-
-
-def _sort_reference(r, fraction):
-    flat = r.reshape(r.shape[0], -1)
-    k = max(1, int(fraction * flat.shape[1]))
-    kth_largest = flat.sort(dim=1, descending=True).values[:, k - 1 : k]
-    return torch.where(flat >= kth_largest, flat, torch.zeros_like(flat)).reshape(r.shape)
-
-
-@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.3, 0.999, 1.0])
-def test_filter_matches_sort_reference_with_ties(fraction):
-    g = torch.Generator().manual_seed(3)
-    continuous = torch.randn(4, 8, 9, 9, generator=g)
-    ties = torch.randint(-3, 4, (4, 8, 9, 9), generator=g).float()
-    for r in (continuous, ties):
-        torch.testing.assert_close(
-            relevance_filter(r, fraction), _sort_reference(r, fraction), rtol=0, atol=0
-        )
-
-
-def _large_rows(case: str) -> torch.Tensor:
-    """Rows long enough for the sampled threshold (200 704 entries each), one case per branch."""
-    g = torch.Generator().manual_seed(4)
-    r = torch.rand(3, 64, 56, 56, generator=g).pow(6)
-    if case == "skewed channels":  # relevance in a few channels: a channel-aligned stride would miss it
-        r[:, ::8] *= 1000
-    elif case == "mostly zeros":  # fewer nonzeros than kept entries: the threshold is the tie at zero
-        r = r * (torch.rand(r.shape, generator=g) < 0.02)
-    elif case == "sample overshoots":  # every sampled entry is huge: the bound is useless, full selection
-        flat = r.permute(0, 2, 3, 1).reshape(3, -1)
-        stride = filter_module._prime_at_least(
-            max(filter_module.MIN_STRIDE, flat.shape[1] // filter_module.SAMPLE_SIZE)
-        )
-        flat[:, ::stride] += 10.0
-        r = flat.reshape(3, 56, 56, 64).permute(0, 3, 1, 2)
-    return r.contiguous(memory_format=torch.channels_last)
-
-
-@pytest.mark.parametrize("case", ["plain", "skewed channels", "mostly zeros", "sample overshoots"])
-@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.2])
-def test_filter_on_large_rows_matches_sort_reference(case, fraction):
-    r = _large_rows(case)
-    torch.testing.assert_close(relevance_filter(r, fraction), _sort_reference(r, fraction), rtol=0, atol=0)
-
-
-def test_filter_renormalize_conserves_and_rejects_bad_fraction():
-    r = torch.rand(3, 100, generator=torch.Generator().manual_seed(0))
-    kept = relevance_filter(r, 0.05, renormalize=True)
-    assert ((kept != 0).sum(dim=1) == 5).all()
-    torch.testing.assert_close(kept.sum(dim=1), r.sum(dim=1))
-    with pytest.raises(ValueError, match="topk"):
-        relevance_filter(r, 0.0)
+# --- relevance filter (the filter itself: tests/test_filter.py) ------------------------------------
 
 
 def test_topk_changes_heatmap_and_concentrates_it():
@@ -279,21 +182,23 @@ class _Sorting(nn.Module):
         return torch.sort(self.conv(x).flatten(1), dim=1).values
 
 
-class _Multiplying(nn.Module):
+class _Cumulative(nn.Module):
+    """A running sum: no LRP rule. (A product of two activations used to be the second example; it has
+    AttnLRP's rule now, see the README's operation table.)"""
+
     def __init__(self):
         super().__init__()
-        self.a = nn.Conv2d(3, 4, 3)
-        self.b = nn.Conv2d(3, 4, 3)
+        self.conv = nn.Conv2d(3, 4, 3)
 
     def forward(self, x):
-        return (self.a(x) * self.b(x)).mean((2, 3))
+        return torch.cumsum(self.conv(x).flatten(1), dim=1)
 
 
 def test_unknown_operation_is_named():
     with pytest.raises(UnsupportedOperationError, match=r"'sort'.*node 'sort'"):
         explain(_Sorting(), torch.randn(1, 3, 8, 8))
-    with pytest.raises(UnsupportedOperationError, match=r"'mul'.*two activations"):
-        explain(_Multiplying(), torch.randn(1, 3, 8, 8), composite="epsilon")
+    with pytest.raises(UnsupportedOperationError, match=r"'cumsum'.*node 'cumsum'"):
+        explain(_Cumulative(), torch.randn(1, 3, 8, 8), composite="epsilon")
 
 
 def _snapshot(model):
@@ -309,14 +214,26 @@ def _snapshot(model):
     }
 
 
+def _visible_hooks(model: nn.Module) -> None:
+    """Hooks on layers that would change any result they touched: zero the stem's output and a block's
+    input, triple the head's input."""
+    model.conv1.register_forward_hook(lambda module, inputs, output: output * 0.0)
+    model.layer2[0].conv1.register_forward_pre_hook(lambda module, inputs: (inputs[0] * 0.0,))
+    model.fc.register_forward_pre_hook(lambda module, inputs: (inputs[0] * 3.0,))
+
+
 @pytest.mark.parametrize("composite", ["seed", "epsilon-gamma-box", "epsilon-plus-flat"])
 def test_model_is_never_modified(composite):
+    torch.manual_seed(0)
     model = tv.resnet18()
     model.train()  # a model left in training mode must stay so
-    model.layer1.register_forward_hook(lambda *a: None)
+    plain = copy.deepcopy(model)  # the same weights without hooks: what the explanation must see
+    _visible_hooks(model)
     model.fc.weight.grad = torch.ones_like(model.fc.weight)
     before = _snapshot(model)
-    explain(model, torch.randn(2, 3, 32, 32), composite=composite, topk=0.1, mean=[0.5] * 3, std=[0.5] * 3)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    options = {"composite": composite, "topk": 0.1, "mean": [0.5] * 3, "std": [0.5] * 3}
+    relevance = explain(model, x, **options)
     after = _snapshot(model)
     for key in before["state"]:
         assert torch.equal(before["state"][key], after["state"][key]), key
@@ -325,27 +242,61 @@ def test_model_is_never_modified(composite):
     assert before["requires_grad"] == after["requires_grad"]
     assert torch.equal(before["grads"]["fc.weight"], after["grads"]["fc.weight"])
     assert all(g is None for k, g in after["grads"].items() if k != "fc.weight")
+    # the model's own forward hooks did not run during the explanation ...
+    torch.testing.assert_close(relevance, explain(plain, x, **options), rtol=1e-6, atol=1e-9)
+    # ... and are still in place: the model's own forward still goes through them
+    with torch.no_grad():
+        assert not torch.allclose(model.eval()(x), plain.eval()(x))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a forward hook on a container module (ResNet's layer1) is traced into the graph by torch.fx, "
+    "so it runs during the explanation (here: all relevance zero)",
+)
+def test_forward_hooks_on_container_modules_do_not_run():
+    torch.manual_seed(0)
+    model = tv.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected = explain(model, x, composite="epsilon-plus-flat")
+    model.layer1.register_forward_hook(lambda module, inputs, output: output * 0.0)
+    torch.testing.assert_close(explain(model, x, composite="epsilon-plus-flat"), expected, rtol=0, atol=0)
 
 
 # --- targets, precision, architectures -----------------------------------------------------------
 
 
 def test_targets_and_starts():
+    """Logits, predicted classes and start relevance against ``model(x)`` itself."""
     torch.manual_seed(0)
-    model = tv.vgg11().eval()
-    x = torch.randn(2, 3, 32, 32)
+    model = NarrowVGG16().eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(x)
+    scale = logits.abs().max().item()
+    one_hot = torch.eye(10)
     explainer = Explainer(model, "epsilon-plus-flat")
     predicted = explainer(x)
-    assert predicted.targets.tolist() == predicted.logits.argmax(1).tolist()
-    assert explainer(x, target=7).targets.tolist() == [7, 7]
-    assert explainer(x, target=[1, 2]).targets.tolist() == [1, 2]
+    torch.testing.assert_close(predicted.logits, logits, rtol=1e-4, atol=1e-5 * scale)  # Winograd rounding
+    assert predicted.targets.tolist() == logits.argmax(1).tolist()
+    torch.testing.assert_close(predicted.start, one_hot[logits.argmax(1)], rtol=0, atol=0)
+    seven = explainer(x, target=7)
+    assert seven.targets.tolist() == [7, 7]
+    torch.testing.assert_close(seven.start, one_hot[[7, 7]], rtol=0, atol=0)
+    pair = explainer(x, target=[1, 2])
+    assert pair.targets.tolist() == [1, 2]
+    torch.testing.assert_close(pair.start, one_hot[[1, 2]], rtol=0, atol=0)
     softmax = explainer(x, target="softmax")
-    torch.testing.assert_close(softmax.start, softmax.logits.softmax(1))
+    torch.testing.assert_close(softmax.start, logits.softmax(1), rtol=1e-4, atol=1e-7)
     assert softmax.targets.tolist() == [-1, -1]
     seed = Explainer(model, "seed")(x)
-    torch.testing.assert_close(seed.start, seed.logits.softmax(1))
+    torch.testing.assert_close(seed.start, logits.softmax(1), rtol=1e-4, atol=1e-7)
+    given = torch.rand(2, 10, generator=torch.Generator().manual_seed(2))
+    custom = explainer(x, target=given)
+    torch.testing.assert_close(custom.start, given, rtol=0, atol=0)
+    assert custom.targets.tolist() == [-1, -1]
     with pytest.raises(ValueError, match="out of range"):
-        explainer(x, target=1000)
+        explainer(x, target=10)
     with pytest.raises(ValueError, match="2 targets"):
         explainer(x[:1], target=[1, 2])
 
@@ -358,30 +309,47 @@ def test_zbox_needs_bounds():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_agrees_with_fp32(precision):
     torch.manual_seed(0)
-    model = tv.vgg11().eval()
+    model = _narrow_dense(tv.vgg11()).eval()
     x = torch.randn(2, 3, 64, 64)
     full = explain(model, x, composite="seed")
     low = explain(model, x, composite="seed", precision=precision)
     assert low.dtype == torch.float32
-    for a, b in zip(full, low):
+    for a, b in zip(full, low):  # the README's promise; measured 0.99997 (bf16), 0.999999 (fp16)
         r = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
-        assert r > 0.99, r
+        assert r >= 0.9999, r
+        # ... and computed in that precision: fp32 itself would agree exactly (measured 8e-3 / 1e-3)
+        assert (a - b).abs().max() > 1e-4 * a.abs().max()
 
 
+def _narrow_dense(model: nn.Module, width: int = 256) -> nn.Module:
+    """The classifier's dense layers at ``width`` (same structure, dropout and activations kept): VGG's
+    and AlexNet's 4096-wide layers hold four fifths of their parameters, and only cost memory here."""
+    linears = [i for i, m in enumerate(model.classifier) if isinstance(m, nn.Linear)]
+    for position, index in enumerate(linears):
+        old = model.classifier[index]
+        fan_in = old.in_features if position == 0 else width
+        fan_out = old.out_features if position == len(linears) - 1 else width
+        model.classifier[index] = nn.Linear(fan_in, fan_out)
+    return model
+
+
+# factory, input size, bound on |relevance total - 1| with epsilon-plus-flat on the bias-free model: a few
+# times what is measured (in brackets; epsilon's stabiliser and the activations the rules do not conserve
+# through, such as hardswish, let some relevance go)
 ARCHITECTURES = {
-    "alexnet": (tv.alexnet, 64),
-    "vgg11": (tv.vgg11, 32),
-    "vgg19": (tv.vgg19, 32),
-    "vgg16_bn": (tv.vgg16_bn, 32),
-    "resnet50": (tv.resnet50, 64),
-    "mobilenet_v3_large": (tv.mobilenet_v3_large, 64),
-    "efficientnet_b0": (tv.efficientnet_b0, 64),
+    "alexnet": (lambda: _narrow_dense(tv.alexnet()), 64, 5e-2),  # [1.4e-2]
+    "vgg11": (lambda: _narrow_dense(tv.vgg11()), 32, 1e-3),  # [8.7e-5]
+    "vgg19": (lambda: _narrow_dense(tv.vgg19()), 32, 3e-3),  # [3.3e-4]
+    "vgg16_bn": (lambda: _narrow_dense(tv.vgg16_bn()), 32, 2e-5),  # [2.0e-6]
+    "resnet50": (tv.resnet50, 64, 1e-5),  # [1.3e-6]
+    "mobilenet_v3_large": (tv.mobilenet_v3_large, 64, 0.1),  # [3.3e-2]
+    "efficientnet_b0": (tv.efficientnet_b0, 64, 3e-2),  # [7.0e-3]
 }
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_architectures_run_and_reproduce_logits(arch):
-    factory, size = ARCHITECTURES[arch]
+    factory, size, tolerance = ARCHITECTURES[arch]
     torch.manual_seed(0)
     model = bias_free(factory().double(), size)
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
@@ -392,6 +360,7 @@ def test_architectures_run_and_reproduce_logits(arch):
     assert torch.isfinite(result.relevance).all()
     totals = result.relevance.sum(dim=(1, 2, 3))
     assert (totals > 0.5).all() and (totals < 1.5).all(), totals
+    assert ((totals - 1.0).abs() <= tolerance).all(), totals
 
 
 def test_first_layer_rule_reaches_through_leading_shape_ops():

@@ -649,7 +649,13 @@ def test_closed_stdout_ends_quietly_with_consistent_outputs(model_dir, tmp_path)
 
 def test_ctrl_c_while_starting_exits_130_without_a_traceback(model_dir, tmp_path):
     folder = images(tmp_path / "in", ["a.png"])
-    runs = [spawn(model_dir, "run", str(folder), "-o", str(tmp_path / f"out{i}"), *FAST) for i in range(2)]
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731 (a shell's background job ignores it)
+    runs = [
+        spawn(
+            model_dir, "run", str(folder), "-o", str(tmp_path / f"out{i}"), *FAST, preexec_fn=default_sigint
+        )
+        for i in range(2)
+    ]
     for process, delay in zip(runs, (0.5, 1.0)):
         time.sleep(delay)
         process.send_signal(signal.SIGINT)

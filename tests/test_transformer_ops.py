@@ -431,3 +431,12 @@ def test_global_response_norm_statistic_is_held_constant_and_its_bias_absorbs():
     share = R.reshape(x.shape) / y
     expected = x * share + (w * x * n) * (share * branch / branch)
     torch.testing.assert_close(result.relevance, expected)
+
+
+def test_star_relu_power_of_an_activation_is_element_wise():
+    class StarReLU(nn.Module):  # MetaFormer's activation: scale * relu(x) ** 2 + bias
+        def forward(self, x):
+            return 0.8 * torch.relu(x) ** 2 + 0.0
+
+    x, R = rand(2, 6, seed=42), rand(2, 6, seed=43)
+    torch.testing.assert_close(relevance_of(StarReLU(), x, R), R)

@@ -70,7 +70,45 @@ def test_maps_smaller_than_two_tiles_stay_direct():
     assert not layer.winograd_eligible((7, 64)) and not layer.winograd_eligible((64, 4))
     assert layer.winograd_filters(lambda w: w, torch.float32, (7, 7)) is None
     assert layer.winograd_filters(lambda w: w, torch.float16, (32, 32)) is None  # float32/float64 only
-    assert layer.winograd_filters(lambda w: w, torch.float32, (32, 32)) is not None
+    filters = layer.winograd_filters(lambda w: w, torch.float32, (32, 32))
+    torch.testing.assert_close(filters, _transformed(layer.weight), rtol=1e-6, atol=1e-6)
+
+
+# Lavin & Gray's filter transform G of F(4x4, 3x3), written out here: the engine's must equal G w G^T
+LAVIN_GRAY_G = [
+    [1 / 4, 0, 0],
+    [-1 / 6, -1 / 6, -1 / 6],
+    [-1 / 6, 1 / 6, -1 / 6],
+    [1 / 24, 1 / 12, 1 / 6],
+    [1 / 24, -1 / 12, 1 / 6],
+    [0, 0, 1],
+]
+
+
+def _transformed(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in, 3, 3) filters as the (36, in, out) stack of G w G^T, tile position first."""
+    g = torch.tensor(LAVIN_GRAY_G, dtype=torch.float64)
+    tiles = torch.einsum("pj,oijk,qk->pqio", g, weight.double(), g)
+    return tiles.reshape(36, weight.shape[1], weight.shape[0]).to(weight.dtype)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_filter_transform_is_g_w_g_transposed(transposed):
+    torch.manual_seed(4)
+    weight = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    # the adjoint map's filters: in/out swapped and flipped in space
+    source = weight.transpose(0, 1).flip(2, 3) if transposed else weight
+    expected = _transformed(source)
+    torch.testing.assert_close(
+        winograd.transform_filters(weight, transposed=transposed), expected, rtol=0, atol=1e-14
+    )
+    layer = _conv_layer(weight=torch.randn(256, 256, 3, 3, dtype=torch.float64))
+    positive = layer.winograd_filters(
+        lambda w: w.clamp(min=0), torch.float64, (16, 16), transposed=transposed
+    )
+    source = layer.weight.clamp(min=0)
+    expected = _transformed(source.transpose(0, 1).flip(2, 3) if transposed else source)
+    torch.testing.assert_close(positive, expected, rtol=0, atol=1e-12)
 
 
 class WideNet(nn.Module):

@@ -118,6 +118,13 @@ ELEMENTWISE_FUNCTIONS: set[Any] = {
     operator.neg,
     torch.neg,
     "neg",
+    operator.pow,  # a power of one activation (StarReLU's relu(x) ** 2) is element-wise too
+    torch.pow,
+    "pow",
+    torch.square,
+    "square",
+    torch.sqrt,
+    "sqrt",
     F.normalize,  # division by the input's own norm: the identity rule of normalisers
     torch.tanh,
     F.dropout,

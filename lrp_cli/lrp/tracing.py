@@ -132,6 +132,24 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
+@contextmanager
+def _caches_kept(model: nn.Module) -> Iterator[None]:
+    """Tracing runs ``forward`` on proxies; modules that memoise in a dict (timm's attention-bias
+    caches) would keep a proxy and hand it to later real calls. Every module's dicts are restored."""
+    saved = [
+        (value, dict(value))
+        for module in model.modules()
+        for value in vars(module).values()
+        if type(value) is dict
+    ]
+    try:
+        yield
+    finally:
+        for value, content in saved:
+            value.clear()
+            value.update(content)
+
+
 def _optional_arguments(model: nn.Module) -> dict[str, Any] | None:
     """The forward's arguments after the image that have defaults (masks, flags), fixed to them."""
     parameters = list(inspect.signature(model.forward).parameters.values())[1:]
@@ -159,7 +177,7 @@ def trace(model: nn.Module, example: torch.Tensor | None = None) -> fx.GraphModu
     input shape only.
     """
     tracer = _Tracer() if example is None else ShapedTracer(example)
-    with eval_mode(model):
+    with eval_mode(model), _caches_kept(model):
         try:
             graph = tracer.trace(model, concrete_args=_optional_arguments(model))
         except UnsupportedOperationError:

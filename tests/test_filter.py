@@ -1,0 +1,283 @@
+"""The relevance filter: both algorithms against a plain kthvalue reference, and the accelerator path
+shown batched and free of host reads (checked on the CPU, and with CUDA's sync guard where a GPU is)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lrp_cli.lrp import Explainer, relevance_filter
+from lrp_cli.lrp import engine as engine_module
+from lrp_cli.lrp import filter as filter_module
+
+FRACTIONS = (0.01, 0.05, 0.3, 0.999)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PATHS = {"sampled": False, "batched": True}
+
+
+def _reference(r: torch.Tensor, fraction: float, renormalize: bool = False) -> torch.Tensor:
+    """Per sample: keep every value >= the k-th largest (found by kthvalue), zero the rest."""
+    flat = r.reshape(r.shape[0], -1)
+    numel = flat.shape[1]
+    k = max(1, int(fraction * numel))
+    kth = flat.kthvalue(numel - k + 1, dim=1, keepdim=True).values
+    kept = torch.where(flat >= kth, flat, torch.zeros_like(flat))
+    if renormalize:
+        before, after = flat.double().sum(dim=1, keepdim=True), kept.double().sum(dim=1, keepdim=True)
+        scale = torch.where(after != 0, before / torch.where(after != 0, after, 1.0), 0.0)
+        kept = (kept.double() * scale).to(r.dtype)
+    return kept.reshape(r.shape)
+
+
+def _case(name: str, batch: int, dtype: torch.dtype, channels: int = 8, side: int = 24) -> torch.Tensor:
+    """A batch of (batch, channels, side, side) maps; by default rows of 4608 entries."""
+    g = torch.Generator().manual_seed(batch)
+    shape = (batch, channels, side, side)
+    if name == "random":
+        r = torch.randn(shape, generator=g)
+    elif name == "mostly zeros":  # after ReLUs and earlier filtering: fewer nonzeros than kept entries
+        r = torch.rand(shape, generator=g) * (torch.rand(shape, generator=g) < 0.03)
+        r[:, :, :2] *= -1  # a few negatives: the zeros are the threshold and the negatives go
+    elif name == "mostly zeros, none negative":  # the threshold is the tie at zero and nothing goes
+        r = torch.rand(shape, generator=g) * (torch.rand(shape, generator=g) < 0.03)
+    elif name == "integer ties":
+        r = torch.randint(-3, 4, shape, generator=g).float()
+    elif name == "all zero":
+        r = torch.zeros(shape)
+    elif name == "all negative":
+        r = -torch.rand(shape, generator=g) - 0.5
+    elif name == "skewed channels":  # relevance in a few channels: a channel-aligned stride would miss it
+        r = torch.rand(shape, generator=g).pow(6)
+        r[:, ::4] *= 1000
+    elif name == "sample overshoots":  # every sampled entry is huge: the bound is useless, full selection
+        r = torch.rand(shape, generator=g)
+        rows = r.permute(0, 2, 3, 1).reshape(batch, -1)
+        stride = filter_module._prime_at_least(
+            max(filter_module.MIN_STRIDE, rows.shape[1] // filter_module.SAMPLE_SIZE)
+        )
+        rows[:, ::stride] += 10.0
+        r = rows.reshape(batch, side, side, channels).permute(0, 3, 1, 2).contiguous()
+    elif name == "small rows":  # below EXACT_BELOW: one selection over the whole row
+        r = torch.randn(batch, 3, 5, 7, generator=g)
+    elif name == "single element":
+        r = torch.randn(batch, 1, 1, 1, generator=g)
+    else:
+        raise AssertionError(name)
+    return r.to(dtype)
+
+
+CASES = (
+    "random",
+    "mostly zeros",
+    "mostly zeros, none negative",
+    "integer ties",
+    "all zero",
+    "all negative",
+    "skewed channels",
+    "sample overshoots",
+    "small rows",
+    "single element",
+)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("case", CASES)
+def test_filter_matches_kthvalue_reference(case, batch, layout, dtype, path):
+    r = _case(case, batch, DTYPES[dtype])
+    if layout == "channels_last":
+        r = r.contiguous(memory_format=torch.channels_last)
+    original = r.clone()
+    for fraction in FRACTIONS:
+        expected = _reference(r, fraction)
+        got = relevance_filter(r, fraction, batched=PATHS[path])
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert got.stride() == r.stride()
+    torch.testing.assert_close(r, original, rtol=0, atol=0)  # not in place: the input is untouched
+
+
+@pytest.mark.parametrize("case", ["random", "mostly zeros", "skewed channels", "sample overshoots"])
+def test_rows_of_an_engine_layer_match_reference(case):
+    """(2, 64, 56, 56) channels-last maps, VGG16's conv2 at 112x112: 200 704 entries a row."""
+    r = _case(case, 2, torch.float32, channels=64, side=56).contiguous(memory_format=torch.channels_last)
+    for fraction in (0.01, 0.05, 0.2):
+        for batched in PATHS.values():
+            got = relevance_filter(r, fraction, batched=batched)
+            torch.testing.assert_close(got, _reference(r, fraction), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_renormalize_matches_reference_and_conserves(dtype, path):
+    r = _case("random", 64, DTYPES[dtype]).abs()
+    r[3] = 0  # an all-zero sample stays zero
+    tolerance = {"fp32": 1e-5, "bf16": 2e-2}[dtype]
+    for fraction in (0.05, 0.3):
+        got = relevance_filter(r, fraction, renormalize=True, batched=PATHS[path])
+        torch.testing.assert_close(got, _reference(r, fraction, True), rtol=tolerance, atol=0)
+        torch.testing.assert_close(
+            got.double().sum(dim=(1, 2, 3)), r.double().sum(dim=(1, 2, 3)), rtol=tolerance, atol=0
+        )
+        assert (got[3] == 0).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_in_place_writes_into_the_input(layout, path):
+    r = _case("random", 8, torch.float32)
+    if layout == "channels_last":
+        r = r.contiguous(memory_format=torch.channels_last)
+    expected = _reference(r, 0.05)
+    got = relevance_filter(r, 0.05, in_place=True, batched=PATHS[path])
+    assert got.data_ptr() == r.data_ptr()
+    torch.testing.assert_close(r, expected, rtol=0, atol=0)
+
+
+def test_other_layouts():
+    """Neither contiguous nor channels-last: filtered through a copy (transposed maps) or in place on
+    rows that are strided views (every other column)."""
+    transposed = _case("random", 4, torch.float32).transpose(2, 3)
+    wide = torch.randn(4, 8, 24, 48, generator=torch.Generator().manual_seed(5))
+    for batched in PATHS.values():
+        got = relevance_filter(transposed.clone(), 0.05, in_place=True, batched=batched)
+        torch.testing.assert_close(got, _reference(transposed, 0.05), rtol=0, atol=0)
+        r = wide.clone()[..., ::2]
+        assert r.reshape(4, -1).stride() == (r.stride(0), 2)  # each row a view with stride 2
+        expected = _reference(r, 0.05)
+        assert relevance_filter(r, 0.05, in_place=True, batched=batched) is r
+        torch.testing.assert_close(r, expected, rtol=0, atol=0)
+
+
+def test_full_fraction_is_identity_and_bad_fractions_are_named():
+    r = _case("random", 2, torch.float32)
+    assert relevance_filter(r, 1.0) is r
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"topk fraction must be in \(0, 1\]"):
+            relevance_filter(r, bad)
+
+
+# --- the accelerator path: batched, and nothing read back to the host ------------------------------
+
+# ops that read a device value on the host or whose output shape depends on the data (each a sync on CUDA)
+DATA_DEPENDENT = {
+    "aten._local_scalar_dense",
+    "aten.index",  # boolean-mask indexing runs nonzero inside
+    "aten.masked_scatter",
+    "aten.nonzero",
+    "aten.nonzero_static",
+    "aten.masked_select",
+    "aten.unique",
+    "aten._unique",
+    "aten._unique2",
+    "aten.unique_consecutive",
+    "aten.unique_dim",
+    "aten.is_nonzero",
+    "aten.equal",
+    "aten.allclose",
+    "aten.item",
+}
+
+
+class _Recorder(TorchDispatchMode):
+    """Every aten op dispatched inside the block, by overload packet name, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _record(r: torch.Tensor, **options: object) -> list[str]:
+    with _Recorder() as recorder:
+        relevance_filter(r, 0.05, **options)
+    return recorder.ops
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("fraction_side", ["largest", "smallest"])
+def test_batched_path_has_no_host_reads_and_fixed_ops(fraction_side, layout, renormalize):
+    """The batched path on CPU tensors (forced) and on meta tensors (chosen by default, as on a GPU):
+    meta tensors hold no data, so any host read or data-dependent shape would fail outright."""
+    fraction = 0.05 if fraction_side == "largest" else 0.9  # the two top-k directions
+    runs = {}
+    for device, batched in (("cpu", True), ("meta", None)):
+        for batch in (1, 64):
+            r = _case("random", batch, torch.float32).to(device)
+            if layout == "channels_last":
+                r = r.contiguous(memory_format=torch.channels_last)
+            with _Recorder() as recorder:
+                out = relevance_filter(r, fraction, renormalize, in_place=True, batched=batched)
+            assert out.shape == r.shape and out.device.type == device
+            runs[device, batch] = recorder.ops
+    for ops in runs.values():
+        assert not DATA_DEPENDENT & set(ops), ops
+        assert "aten.topk" in ops
+    # one sequence of ops (so of kernels) per layer, whatever the batch size, the same as on a device
+    assert runs["cpu", 1] == runs["cpu", 64] == runs["meta", 1] == runs["meta", 64]
+
+
+def test_device_picks_the_algorithm():
+    """By default the CPU takes the sampled path (numpy does the work: no top-k among torch's ops) and
+    any other device the batched one."""
+    assert "aten.topk" not in _record(_case("random", 2, torch.float32))
+    assert "aten.topk" in _record(_case("random", 2, torch.float32).to("meta"))
+    assert "aten.topk" in _record(_case("random", 2, torch.float32), batched=True)
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    torch.manual_seed(0)
+    return torchvision.models.vgg11().eval(), torch.randn(2, 3, 32, 32)
+
+
+def test_engine_backward_with_the_batched_filter_is_sync_free_and_identical(vgg, monkeypatch):
+    """A filtered backward pass with the filter forced onto the accelerator path: every filter call is
+    free of host reads, and the heatmap is exactly the CPU path's."""
+    model, x = vgg
+    expected = Explainer(model, "seed", 0.05, renormalize=True)(x).relevance
+    calls = []
+
+    def recorded(relevance, *args, **kwargs):
+        with _Recorder() as recorder:
+            out = relevance_filter(relevance, *args, batched=True, **kwargs)
+        calls.append(recorder.ops)
+        return out
+
+    monkeypatch.setattr(engine_module, "relevance_filter", recorded)
+    explainer = Explainer(model, "seed", 0.05, renormalize=True)
+    got = explainer(x).relevance
+    assert len(calls) == sum(step.op.filtered for step in explainer.program.steps) > 10
+    assert all(not DATA_DEPENDENT & set(ops) for ops in calls)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("batch", [1, 64])
+def test_filtered_backward_never_syncs_on_cuda(vgg, monkeypatch, batch):
+    """Every filter call of a filtered pass runs with CUDA's guard on: a synchronisation would raise."""
+    x = torch.randn(batch, 3, 32, 32, device="cuda")
+    explainer = Explainer(copy.deepcopy(vgg[0]).cuda(), "seed", 0.05, renormalize=True)
+    calls = []
+
+    def guarded(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return relevance_filter(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            calls.append(True)
+
+    monkeypatch.setattr(engine_module, "relevance_filter", guarded)
+    relevance = explainer(x).relevance
+    assert len(calls) == sum(step.op.filtered for step in explainer.program.steps)
+    assert torch.isfinite(relevance).all() and (relevance != 0).any()
