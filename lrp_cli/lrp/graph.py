@@ -558,30 +558,17 @@ class ProgramBuilder:
             return self._inheriting(Step(node, Pool(module.forward, "winner", average), path))
         if isinstance(module, nn.AdaptiveMaxPool2d | nn.MaxPool1d | nn.AdaptiveMaxPool1d):
             return self._inheriting(Step(node, Pool(module.forward, "winner"), path))
-        if isinstance(module, nn.LayerNorm):
-            shape = tuple(module.normalized_shape)
+        rms = tuple(table._optional("torch.nn", "RMSNorm"))
+        if isinstance(module, (nn.LayerNorm, *rms)):
+            trailing = tuple(range(-len(tuple(module.normalized_shape)), 0))
+            centre = isinstance(module, nn.LayerNorm)
             op = Normalization(
-                module.forward,
-                centre=True,
-                dims=tuple(range(-len(shape), 0)),
-                weight=module.weight,
-                eps=module.eps,
+                module.forward, centre=centre, dims=trailing, weight=module.weight, eps=module.eps
             )
             return Step(node, op, path)
         if isinstance(module, nn.GroupNorm):
             op = Normalization(
                 module.forward, centre=True, groups=module.num_groups, weight=module.weight, eps=module.eps
-            )
-            return Step(node, op, path)
-        rms = table._optional("torch.nn", "RMSNorm")
-        if rms and isinstance(module, rms[0]):
-            shape = tuple(module.normalized_shape)
-            op = Normalization(
-                module.forward,
-                centre=False,
-                dims=tuple(range(-len(shape), 0)),
-                weight=module.weight,
-                eps=module.eps,
             )
             return Step(node, op, path)
         tensor_inputs = [n for n in _flat_nodes(node) if self.kinds.get(n) == "activation"]
