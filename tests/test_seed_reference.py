@@ -117,14 +117,7 @@ def test_seed_reference_is_sensitive_to_each_ingredient(vgg):
     "topk",
     [
         1.0,
-        pytest.param(
-            0.05,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the relevance filter at the last layer runs in place on the start tensor, so "
-                "Explanation.start comes back filtered (zeros but the top entries)",
-            ),
-        ),
+        0.05,
     ],
 )
 def test_seed_starts_from_the_models_softmax(vgg, topk):

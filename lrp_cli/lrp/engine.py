@@ -305,7 +305,10 @@ class Explainer:
         self, start: torch.Tensor, kept: dict[fx.Node, tuple[list[Any], Any]]
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         program = self.program
-        relevance: dict[fx.Node, Any] = {program.output_node.args[0]: start}
+        # the filter works in place: the start stays as it was for the caller's Explanation
+        relevance: dict[fx.Node, Any] = {
+            program.output_node.args[0]: start.clone() if self.topk < 1.0 else start
+        }
         trace: dict[str, torch.Tensor] = {"output": start} if self.trace_enabled else {}
         for step in reversed(program.steps):
             node = step.node
