@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import Config
-from .lrp import audit, format_audit, summarize
+from .lrp import audit, format_audit
 from .models import load_model
 
 
@@ -23,8 +23,6 @@ def doctor(settings: Config, *, json_output: bool, sample_seed: int = 0) -> tupl
     size = settings.resolution or (loaded.input_size[0] if loaded.input_size else 224)
     generator = torch.Generator().manual_seed(sample_seed)
     sample = torch.randn(1, 3, size, size, generator=generator)
-    report = summarize(loaded.module, settings.composite, **options)
-    if not report.unsupported:
-        report = audit(loaded.module, sample, composite=settings.composite, target=settings.target, **options)
+    report = audit(loaded.module, sample, composite=settings.composite, target=settings.target, **options)
     report.model = loaded.name
     return (0 if report.ok else 1), (report.to_json() if json_output else format_audit(report))

@@ -20,7 +20,7 @@ from torch import nn
 
 from .composites import Composite
 from .engine import Explainer, Target
-from .graph import Step, Unsupported, build_program
+from .graph import Program, Step, Unsupported, build_program
 from .ops import (
     Arithmetic,
     Concat,
@@ -132,12 +132,18 @@ def _total(value: Any) -> float:
 
 def summarize(model: nn.Module, composite: str | Composite = "auto", **options: Any) -> Audit:
     """The operation table and the unsupported operations, without running the model."""
-    counts: Counter[tuple[str, str]] = Counter()
     try:
-        explainer: Explainer | None = Explainer(model, composite, **options)
-        program = explainer.program
+        return _summary(type(model).__name__, Explainer(model, composite, **options), composite)
     except UnsupportedOperationError:
-        explainer, program = None, build_program(model)
+        return _summary(type(model).__name__, build_program(model), composite)
+
+
+def _summary(model_name: str, source: Explainer | Program, composite: str | Composite) -> Audit:
+    """The operation table of an explainer's program, or of a program no explainer could be made for
+    (then every operation without a rule counts as reached)."""
+    explainer = source if isinstance(source, Explainer) else None
+    program = explainer.program if explainer is not None else source
+    counts: Counter[tuple[str, str]] = Counter()
     for step in program.steps:
         if step.kind == "activation":
             counts[(_operation(step), step.op.rule_name)] += 1
@@ -149,7 +155,7 @@ def summarize(model: nn.Module, composite: str | Composite = "auto", **options: 
     ]
     name = explainer.composite.name if explainer is not None else str(composite)
     operations = [OpSummary(op, rule, n) for (op, rule), n in sorted(counts.items())]
-    return Audit(type(model).__name__, name, operations, unsupported)
+    return Audit(model_name, name, operations, unsupported)
 
 
 def audit(
@@ -162,10 +168,11 @@ def audit(
 ) -> Audit:
     """Trace ``model``, list its operations and rules, and follow one explanation of ``inputs`` layer by
     layer (``options`` go to :class:`Explainer`)."""
-    report = summarize(model, composite, **options)
-    if report.unsupported:
-        return report
-    explainer = Explainer(model, composite, **options)
+    try:
+        explainer = Explainer(model, composite, **options)
+    except UnsupportedOperationError:
+        return _summary(type(model).__name__, build_program(model), composite)
+    report = _summary(type(model).__name__, explainer, composite)
     layers: list[LayerAudit] = []
 
     def observe(step: Step, incoming: Any, outgoing: list[Any]) -> None:

@@ -166,7 +166,7 @@ class Explainer:
         return (0.0 - m) / s, (1.0 - m) / s
 
     def _assign_rules(self) -> None:
-        steps = {step.node: step for step in self.program.steps}
+        steps = self._steps_by_node
         self._nonnegative_input = {
             id(step.op): all(
                 src in steps and steps[src].nonnegative for src in self._arg_nodes[step.node][:1]
