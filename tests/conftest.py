@@ -15,12 +15,17 @@ from torch import nn
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to open a network connection fails the test: everything must work offline."""
+    """Any attempt to open a network connection fails the test: everything must work offline.
+
+    Loopback stays open for the tests that serve a page on this machine and drive a browser at it.
+    """
 
     connect = socket.socket.connect
 
     def refuse(self: socket.socket, address: object) -> None:
-        if self.family != socket.AF_UNIX:
+        host = address[0] if isinstance(address, tuple) else None
+        loopback = isinstance(host, str) and (host in ("localhost", "::1") or host.startswith("127."))
+        if self.family != socket.AF_UNIX and not loopback:
             raise AssertionError(f"test tried to reach the network: {address}")
         connect(self, address)
 
@@ -127,3 +132,45 @@ def random_batchnorm(model: nn.Module) -> nn.Module:
             m.bias.data.copy_(torch.randn(n, generator=g, dtype=m.bias.dtype) * 0.1)
             m.eps = 0.0
     return model
+
+
+@pytest.fixture(scope="session")
+def chrome():
+    """Headless Debian Chromium driven by Selenium through the system chromedriver (.ci/run installs
+    both). The flags keep it off the network; the fake media device stands in for a webcam.
+    Console messages are collected: ``chrome.get_log("browser")``."""
+    import shutil
+    import tempfile
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert binary and driver_path, "install Debian's chromium and chromium-driver (see .ci/run)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    profile = tempfile.mkdtemp(prefix="lrp-chrome-")
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        "--allow-file-access-from-files",
+        "--window-size=1280,900",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
