@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from collections.abc import Callable, Mapping
@@ -11,16 +12,26 @@ from typing import Any
 
 import yaml
 
-from .lrp import COMPOSITES
+from .training.settings import TRAIN_DEFAULTS, check_train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 PRECISIONS = ("fp32", "bf16", "fp16")
 RESIZE_POLICIES = ("squash", "crop")
 OVERLAY_FORMATS = ("jpg", "png")
+ENGINES = ("local", "ray")
+BUILTIN_COMPOSITES = (  # lrp_cli.lrp.COMPOSITES without importing torch (tests/test_startup.py compares)
+    "alpha1-beta0", "alpha2-beta1", "attnlrp", "cp-lrp", "epsilon", "epsilon-alpha2-beta1-flat",
+    "epsilon-gamma-box", "epsilon-plus-flat", "patternattribution", "patternnet", "seed", "zplus",
+)  # fmt: skip
+OVERLAY_MODES = ("blend", "mask", "contour")  # lrp_cli.render.overlay_image
 
 
 class ConfigError(ValueError):
     """A configuration problem the user has to fix; the message says where and how."""
+
+
+NULL: Any = type("Null", (), {"__repr__": lambda self: "NULL"})()
+"""An override that sets a key to null (``--set weights=null``); a plain None means "not given"."""
 
 
 @dataclass
@@ -33,6 +44,7 @@ class Config:
     std: list[float] | None = None
     composite: str = "auto"
     rules: dict[str, Any] = field(default_factory=dict)
+    patterns: str | None = None  # file from `lrp-heatmap patterns fit` (lrp_cli.patterns)
     topk: float = 1.0
     renormalize: bool = False
     target: int | str | None = None
@@ -46,10 +58,17 @@ class Config:
     colormap: str = "auto"
     overlay_alpha: float = 0.6
     overlay_format: str = "jpg"
+    overlay_mode: str = "blend"
+    panel: bool = True  # NAME.panel.jpg (lrp_cli.panel)
+    report: bool | None = None  # report.html (lrp_cli.report); None: on for runs of more than one image
     save_relevance: bool = False
     output: str = "output"
+    engine: str = "local"  # local, or ray (lrp_cli.ray_engine)
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray instance
+    ray_actors: int | None = None  # None: one per GPU of the cluster, else one per 4 CPUs
     max_pixels: int = 89_478_485
     snapshot: dict[str, float] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=lambda: dict(TRAIN_DEFAULTS))  # lrp_cli.training
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,9 +122,17 @@ def _check(key: str, value: Any, where: str) -> Any:
         return choice(RESIZE_POLICIES)
     if key == "overlay_format":
         return choice(OVERLAY_FORMATS)
+    if key == "overlay_mode":
+        return choice(OVERLAY_MODES)
+    if key == "report" and value is None:
+        return None
     if key == "composite":
+        if value in ("auto", *BUILTIN_COMPOSITES):
+            return value
+        from .lrp import COMPOSITES  # presets registered by the user's code
+
         return choice(("auto", *sorted(COMPOSITES)))
-    if key in ("renormalize", "save_relevance", "winograd"):
+    if key in ("renormalize", "save_relevance", "winograd", "panel", "report"):
         if not isinstance(value, bool):
             raise fail("true or false")
         return value
@@ -135,6 +162,8 @@ def _check(key: str, value: Any, where: str) -> Any:
         if key == "std" and any(v <= 0 for v in value):
             raise fail("positive numbers")
         return [float(v) for v in value]
+    if key == "train":
+        return check_train(value, where)
     if key == "snapshot":
         return _check_tolerances(value, where)
     if key == "rules":
@@ -154,7 +183,15 @@ def _check(key: str, value: Any, where: str) -> Any:
                     + _suggest(value, list(matplotlib.colormaps))
                 )
         return value
-    if key == "weights":
+    if key == "engine":
+        return choice(ENGINES)
+    if key == "ray_address":
+        if value is not None and (not isinstance(value, str) or not value):
+            raise fail("null or a Ray address (auto, HOST:PORT, ray://HOST:PORT)")
+        return value
+    if key == "ray_actors":
+        return None if value is None else number(1, 100_000, integer=True)
+    if key in ("weights", "patterns"):
         if value is not None and not isinstance(value, str):
             raise fail("null or a file path")
         return value
@@ -193,6 +230,8 @@ RULE_SETTINGS = {"maxpool": ("winner", "average"), "start": ("predicted", "softm
 
 def _check_rules(rules: Mapping[str, Any], where: str) -> None:
     """Rule names, parameter names and parameter types, so that a bad value stops the run before it starts."""
+    if not rules:
+        return  # nothing to check: the engine (and torch) need not load
     from .lrp import get_composite
 
     def fail(message: str) -> ConfigError:
@@ -236,43 +275,103 @@ def _check_rule_parameters(key: str, spec: Mapping[str, Any], fail: Callable[[st
             raise fail(f"{key}: parameter {name!r} = {value!r}; expected {expected}")
 
 
-def merge(config: Config, values: Mapping[str, Any], where: str) -> Config:
-    """Apply ``values`` on top of ``config``, checking every key and value."""
+def merge(config: Config, values: Mapping[str, Any], where: str, problems: list[str] | None = None) -> Config:
+    """Apply ``values`` on top of ``config``, checking every key and value. Every mistake is reported:
+    into ``problems`` when given (the bad keys are left out), else as one ConfigError listing them all."""
     known = [f.name for f in fields(Config)]
+    found: list[str] = []
     updates = {}
     for key, value in values.items():
         normalised_key = key.replace("-", "_")
         if normalised_key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(normalised_key, known)}")
-        updates[normalised_key] = _check(normalised_key, value, where)
+            found.append(f"{where}: unknown key {key!r}{_suggest(normalised_key, known)}")
+            continue
+        try:
+            updates[normalised_key] = _check(normalised_key, value, where)
+        except ConfigError as error:
+            found.append(str(error))
+    if problems is not None:
+        problems.extend(found)
+    elif found:
+        raise ConfigError("\n".join(found))
     return Config(**{**config.to_dict(), **updates})
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
     """Defaults, then the YAML file (``configs/default.yaml`` when none is given), then overrides."""
+    return resolve_config(path, overrides)[0]
+
+
+def resolve_config(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> tuple[Config, dict[str, str]]:
+    """:func:`load_config` plus where each key's value came from (``default``, the file, ``command
+    line``). Override keys may be dotted (``rules.conv.rule``) to set one entry of a nested key. Every
+    mistake in the file and on the command line is reported at once, one per line."""
     config = Config()
+    sources = {f.name: "default" for f in fields(Config)}
+    problems: list[str] = []
     source = Path(path) if path is not None else DEFAULT_CONFIG
     if path is not None or source.exists():
-        try:
-            text = source.read_text(encoding="utf-8")
-        except OSError as error:
-            raise ConfigError(f"cannot read config file {source}: {error.strerror or error}") from error
-        except UnicodeDecodeError as error:
-            raise ConfigError(
-                f"{source}: not UTF-8 text (byte {error.start} is {error.object[error.start : error.start + 1]!r}); "
-                "save the file as UTF-8"
-            ) from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{source}: not valid YAML: {error}") from error
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: the top level must be a mapping of keys to values")
-        config = merge(config, data, str(source))
+        data = _read_yaml(source)
+        config = merge(config, data, str(source), problems)
+        if path is not None:  # the shipped default file holds the defaults: those stay "default"
+            sources.update({key.replace("-", "_"): f"file {source}" for key in data})
     if overrides:
-        given = {k: v for k, v in overrides.items() if v is not None}
+        given = {k: None if v is NULL else v for k, v in overrides.items() if v is not None}
         tolerances = {k: given.pop(k) for k in list(given) if k in TOLERANCES}
         if tolerances:
             given["snapshot"] = {**config.snapshot, **tolerances}
-        config = merge(config, given, "command line")
-    return config
+        given = _nest(config, given, problems)
+        config = merge(config, given, "command line", problems)
+        sources.update({key.replace("-", "_"): "command line" for key in given})
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config, {key: value for key, value in sources.items() if key in config.to_dict()}
+
+
+def _read_yaml(source: Path) -> dict[str, Any]:
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {source}: {error.strerror or error}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{source}: not UTF-8 text (byte {error.start} is {error.object[error.start : error.start + 1]!r}); "
+            "save the file as UTF-8"
+        ) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys to values")
+    return data
+
+
+def _nest(config: Config, given: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """Fold dotted keys (``rules.conv.rule``) into a copy of the nested key's current value."""
+    nested: dict[str, Any] = {}
+    for key, value in given.items():
+        if "." not in key:
+            nested[key] = value
+            continue
+        top, *path = key.replace("-", "_").split(".")
+        current = nested.get(top, getattr(config, top, None))
+        if not isinstance(current, dict):
+            known = [f.name for f in fields(Config) if isinstance(getattr(config, f.name), dict)]
+            problems.append(
+                f"command line: key {key!r}: {top!r} has no sub-keys; dotted keys work for {', '.join(known)}"
+                if hasattr(config, top)
+                else f"command line: unknown key {top!r}{_suggest(top, [f.name for f in fields(Config)])}"
+            )
+            continue
+        root = copy.deepcopy(current)
+        place = root
+        for part in path[:-1]:
+            if not isinstance(place.get(part), dict):
+                place[part] = {} if place.get(part) is None else {"rule": place[part]}
+            place = place[part]
+        place[path[-1]] = value
+        nested[top] = root
+    return nested

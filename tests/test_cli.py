@@ -19,6 +19,7 @@ from PIL import Image
 from lrp_cli.config import Config, ConfigError, load_config
 from lrp_cli.data import crop_box, decode, discover
 from lrp_cli.render import overlay_image
+from lrp_cli.runinfo import image_records
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "input"
@@ -145,8 +146,14 @@ def test_run_writes_every_output_with_the_right_sizes(images, tmp_path):
         source = Path(record["path"])
         heatmap = Image.open(record["outputs"]["heatmap"])
         overlay = Image.open(record["outputs"]["overlay"])
-        assert heatmap.size == (64, 64) and heatmap.format == "PNG"
-        assert overlay.size == decode(source, 10**8).size and overlay.format == "JPEG"
+        width, height = decode(source, 10**8).size
+        # at the photo's proportions: the shorter side keeps the model's 64 pixels, the longer stretches
+        expected = (64, 64) if width == height else (
+            (round(64 * width / height), 64) if width > height else (64, round(64 * height / width))
+        )  # fmt: skip
+        assert heatmap.size == expected and heatmap.format == "PNG"
+        assert overlay.size == (width, height) and overlay.format == "JPEG"
+        assert Image.open(record["outputs"]["panel"]).format == "JPEG"
         assert record["outputs"]["overlay"].endswith(".overlay.jpg")
         relevance = np.load(record["outputs"]["relevance"])
         assert relevance.shape == (3, 64, 64) and relevance.dtype == np.float32
@@ -205,9 +212,10 @@ def test_stdin_json_and_resume(images, tmp_path):
         stdin="\n".join(map(str, paths[:1])) + "\n",
     )
     assert first.returncode == 0, first.stderr
-    printed = [json.loads(line) for line in first.stdout.splitlines()]
+    printed = image_records(first.stdout.splitlines())
     assert [Path(r["path"]).name for r in printed] == ["gray.png"]
-    assert first.stderr == ""  # no progress bar or summary with --json
+    # no progress bar or summary with --json (the warning: 32 px is not the weights' 224)
+    assert [line for line in first.stderr.splitlines() if "warning:" not in line] == []
     before = (out / "gray.heatmap.png").stat().st_mtime_ns
     second = cli(
         "run",
@@ -223,7 +231,7 @@ def test_stdin_json_and_resume(images, tmp_path):
         stdin="\n".join(map(str, paths)) + "\n",
     )
     assert second.returncode == 0, second.stderr
-    assert [Path(json.loads(line)["path"]).name for line in second.stdout.splitlines()] == ["photo.bmp"]
+    assert [Path(r["path"]).name for r in image_records(second.stdout.splitlines())] == ["photo.bmp"]
     assert (out / "gray.heatmap.png").stat().st_mtime_ns == before
     assert sorted(Path(r["path"]).name for r in manifest(out)) == ["gray.png", "photo.bmp"]
 
@@ -232,7 +240,7 @@ def test_embedded_model_sees_the_cat(tmp_path):
     out = tmp_path / "out"
     result = cli("run", str(SAMPLES / "cat.png"), "-o", str(out), "--workers", "0", "--json")
     assert result.returncode == 0, result.stderr
-    (record,) = [json.loads(line) for line in result.stdout.splitlines()]
+    (record,) = image_records(result.stdout.splitlines())
     assert 281 <= record["class_index"] <= 285, record  # ImageNet's domestic cats
     assert "cat" in record["label"]
     assert record["probability"] > 0.3
@@ -257,7 +265,7 @@ def test_shipped_photos_run_with_seed_composite(tmp_path):
     assert len(records) == 4 and all(r["target"] == "softmax" for r in records)
     assert {Path(r["path"]).name for r in records} == {"cat.png", "coffee.png", "astronaut.png", "rocket.jpg"}
     assert all(Image.open(r["outputs"]["overlay"]).format == "PNG" for r in records)
-    assert not list(out.glob("*.jpg"))
+    assert not list(out.glob("*.overlay.jpg"))
 
 
 @pytest.mark.parametrize("policy", ["squash", "crop"])
@@ -398,6 +406,6 @@ def test_ctrl_c_keeps_finished_outputs_and_resume_completes(tmp_path):
         "run", str(folder), "-o", str(out), "--workers", "0", "--resolution", "64", "--resume", "--json"
     )
     assert resumed.returncode == 0, resumed.stderr
-    redone = [json.loads(line)["path"] for line in resumed.stdout.splitlines()]
+    redone = [r["path"] for r in image_records(resumed.stdout.splitlines())]
     assert not {r["path"] for r in finished} & set(redone)
     assert sorted(r["path"] for r in manifest(out)) == sorted(str(p.resolve()) for p in folder.iterdir())

@@ -249,11 +249,6 @@ def test_model_is_never_modified(composite):
         assert not torch.allclose(model.eval()(x), plain.eval()(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a forward hook on a container module (ResNet's layer1) is traced into the graph by torch.fx, "
-    "so it runs during the explanation (here: all relevance zero)",
-)
 def test_forward_hooks_on_container_modules_do_not_run():
     torch.manual_seed(0)
     model = tv.resnet18().eval()

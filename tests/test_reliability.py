@@ -37,6 +37,7 @@ from lrp_cli.cli import app
 from lrp_cli.data import OUTPUT_SUFFIXES, decode, discover, name_key, prepare, unique_stems
 from lrp_cli.lock import LOCK_NAME, FolderLock
 from lrp_cli.models import LoadedModel
+from lrp_cli.runinfo import image_records
 from lrp_cli.snapshot import CheckReport, Comparison, format_table
 
 TINY = (
@@ -177,7 +178,7 @@ def test_output_folder_inside_the_input_folder_is_not_searched(model_dir, tmp_pa
     for _ in range(2):
         result = invoke("run", str(folder), "-o", str(folder / "results"), *FAST, "--json")
         assert result.exit_code == 0, result.output
-        assert sorted(json.loads(line)["name"] for line in result.stdout.splitlines()) == ["a", "b"]
+        assert sorted(r["name"] for r in image_records(result.stdout.splitlines())) == ["a", "b"]
 
 
 # --- the manifest: portable paths, validated before it is touched, whole lines ----------------------
@@ -195,7 +196,7 @@ def test_manifest_paths_are_absolute_and_resume_works_from_another_folder(model_
     monkeypatch.chdir(elsewhere)
     result = invoke("run", "../in", "-o", "../out", "--resume", "--json", *FAST)
     assert result.exit_code == 0, result.output
-    assert result.stdout == ""  # nothing redone
+    assert image_records(result.stdout.splitlines()) == []  # nothing redone
     assert len(lines(tmp_path / "out")) == 2
 
 
@@ -254,7 +255,7 @@ def test_torn_and_damaged_manifest_lines_are_repaired_and_reported(model_dir, tm
     assert result.exit_code == 0, result.output
     assert "ended in an incomplete record (40 bytes" in result.stderr
     assert "line 2 is not a manifest record" in result.stderr and "line 3 is not" in result.stderr
-    assert sorted(json.loads(line)["name"] for line in result.stdout.splitlines()) == ["b", "c"]
+    assert sorted(r["name"] for r in image_records(result.stdout.splitlines())) == ["b", "c"]
     data = manifest.read_bytes().splitlines()
     assert data[:3] == [good[0].rstrip(b"\n"), b"123", b"\xff\xfe not text"]  # damaged lines kept as found
     assert sorted(json.loads(line)["name"] for line in [data[0], *data[3:]]) == ["a", "b", "c"]
@@ -275,7 +276,7 @@ def test_file_names_that_are_not_utf8_are_stored_losslessly_and_resume(model_dir
     assert base64.b64decode(record["outputs_bytes"]["heatmap"]) == os.fsencode(out) + b"/caf\xe9.heatmap.png"
     again = invoke("run", "-", "-o", str(out), "--resume", "--json", *FAST, input=raw + b"\n")
     assert again.exit_code == 0, again.output
-    assert again.stdout == ""  # recognised as done, from the raw bytes on stdin
+    assert image_records(again.stdout.splitlines()) == []  # recognised as done, from the raw bytes on stdin
 
 
 def test_target_sets_label_and_probability_of_that_class(model_dir, tmp_path, monkeypatch):
@@ -288,7 +289,7 @@ def test_target_sets_label_and_probability_of_that_class(model_dir, tmp_path, mo
     monkeypatch.setattr(pipeline, "load_model", lambda *args: loaded)
     result = invoke("run", str(folder), "-o", str(tmp_path / "out"), "--target", "3", "--json", *FAST[2:])
     assert result.exit_code == 0, result.output
-    for record in map(json.loads, result.stdout.splitlines()):
+    for record in image_records(result.stdout.splitlines()):
         photo = np.asarray(prepare(decode(Path(record["path"]), 10**6), 16, "squash"))
         x = (torch.from_numpy(photo.copy()).permute(2, 0, 1).float() / 255.0 - 0.5) / 0.25
         with torch.no_grad():
@@ -317,8 +318,8 @@ def test_out_of_memory_halves_the_batch_down_to_one(model_dir, tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     assert "out of memory on a batch of 6 images; retrying in batches of 3" in result.stderr
     assert "out of memory on a batch of 3 images; retrying in batches of 1" in result.stderr
-    expected = {r["name"]: r["relevance_sum"] for r in map(json.loads, plain.stdout.splitlines())}
-    got = {r["name"]: r["relevance_sum"] for r in map(json.loads, result.stdout.splitlines())}
+    expected = {r["name"]: r["relevance_sum"] for r in image_records(plain.stdout.splitlines())}
+    got = {r["name"]: r["relevance_sum"] for r in image_records(result.stdout.splitlines())}
     assert got.keys() == expected.keys() and len(got) == 6
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-7)

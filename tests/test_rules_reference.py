@@ -114,12 +114,6 @@ def test_rule_matches_closed_form(case):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README: 'Where a neuron has contributions of only one sign, alpha-beta explains it by that "
-    "side alone, so the rule conserves exactly' -- with beta = 0 there is no negative side, and a neuron "
-    "with only negative contributions passes no relevance on (alpha1-beta0 gives zeros)",
-)
 def test_alpha1_beta0_conserves_on_a_negative_only_neuron():
     composite = Composite(layer_map={"linear": AlphaBeta(1.0, 0.0, epsilon=TINY)})
     relevance = explain(_dense(), torch.tensor(X, dtype=torch.float64), composite=composite, target=3)

@@ -16,6 +16,7 @@ from .engine import Explainer, Explanation, Precision, Target
 from .filter import relevance_filter
 from .memory import release_freed_memory, retain_freed_memory
 from .ops import UnsupportedOperationError
+from .patterns import Patterns, fit_patterns, pattern_composite
 from .rules import RULES, AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, WSquare, ZBox, ZPlus, make_rule
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Flat",
     "Gamma",
     "Pass",
+    "Patterns",
     "Precision",
     "Rule",
     "Target",
@@ -40,9 +42,11 @@ __all__ = [
     "attribute",
     "audit",
     "explain",
+    "fit_patterns",
     "format_audit",
     "get_composite",
     "make_rule",
+    "pattern_composite",
     "register_composite",
     "release_freed_memory",
     "relevance_filter",

@@ -181,6 +181,23 @@ def attnlrp() -> Composite:
     return Composite(name="attnlrp", layer_map={"conv": Epsilon(), "linear": Epsilon()}, attention="attnlrp")
 
 
+@register_composite("patternnet")
+def patternnet() -> Composite:
+    """PatternNet (Kindermans et al., 2018): the signal projected back through fitted patterns; needs the
+    patterns (``Explainer(..., patterns=...)``, see :mod:`.patterns`)."""
+    from .patterns import PatternComposite  # patterns builds on this module
+
+    return PatternComposite(name="patternnet", method="patternnet")
+
+
+@register_composite("patternattribution")
+def patternattribution() -> Composite:
+    """PatternAttribution (Kindermans et al., 2018): as PatternNet with pattern * weight; needs patterns."""
+    from .patterns import PatternComposite
+
+    return PatternComposite(name="patternattribution", method="patternattribution")
+
+
 @register_composite("cp-lrp")
 def cp_lrp() -> Composite:
     """CP-LRP (Ali et al., 2022): as ``attnlrp``, but attention weights are held constant, so relevance

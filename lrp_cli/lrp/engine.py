@@ -15,6 +15,7 @@ from .composites import Composite, get_composite, resolve_composite
 from .filter import relevance_filter
 from .graph import Program, Step, build_program
 from .ops import Constant, ShapeOf, Subprogram, UnsupportedOperationError, Weighted
+from .patterns import Patterns, bind_patterns
 from .rules import KEEP, AlphaBeta, Rule, ZBox, stabilize
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -43,6 +44,18 @@ def _flat_nodes(node: fx.Node) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), found.append)
     return found
+
+
+def _trace_keys(steps: Sequence[Step]) -> dict[fx.Node, str]:
+    """Trace keys in call order: the module path (or path plus function name), and ``#2``, ``#3``...
+    for the later calls of a module or function that runs more than once (a shared ReLU, torch.relu
+    twice), so no two layers' relevance is ever summed under one key."""
+    calls: dict[str, int] = {}
+    keys: dict[fx.Node, str] = {}
+    for step in steps:
+        calls[step.path] = calls.get(step.path, 0) + 1
+        keys[step.node] = step.path if calls[step.path] == 1 else f"{step.path}#{calls[step.path]}"
+    return keys
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -77,6 +90,8 @@ class Explainer:
     ``mean``/``std``: the model's input normalisation, from which the z^B rule's box is derived.
     ``composite``: a preset name, a :class:`Composite`, or ``"auto"`` (``attnlrp`` for models with
     attention, ``epsilon-plus-flat`` otherwise); ``rules``: overrides on top of it, as in the config.
+    ``patterns``: the :class:`~.patterns.Patterns` fitted on this model's weights, for ``patternnet``
+    and ``patternattribution``.
     """
 
     def __init__(
@@ -93,6 +108,7 @@ class Explainer:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         rules: Mapping[str, Any] | None = None,
+        patterns: Patterns | None = None,
     ) -> None:
         if not 0.0 < topk <= 1.0:
             raise ValueError(f"topk must be in (0, 1], got {topk}")
@@ -103,6 +119,7 @@ class Explainer:
         self.composite = get_composite(resolve_composite(composite, self.program))
         if rules:
             self.composite = self.composite.with_overrides(rules)
+        self.composite = bind_patterns(self.composite, patterns, model)
         self.attention = self.composite.attention
         self._check_supported()
         self.topk = topk
@@ -118,6 +135,7 @@ class Explainer:
         self.model_dtype: torch.dtype | None = parameter.dtype if parameter is not None else None
         self.bounds = self._bounds(mean, std)
         self._arg_nodes = {step.node: _flat_nodes(step.node) for step in self.program.steps}
+        self._trace_keys = _trace_keys(self.program.steps)
         self._assign_rules()
         self._last_use = self._last_forward_use()
         self._constant_terms: dict[tuple, torch.Tensor] = {}
@@ -185,7 +203,9 @@ class Explainer:
                     "model's input normalisation) or give the rule low/high values"
                 )
             op.rule = rule
-            op.keeps = ("inputs" if rule.needs_input else "shapes") + ("+output" if rule.needs_output else "")
+            op.reuses_output = op.after is None and _forward_is_denominator(rule)
+            keeps_output = rule.needs_output or op.reuses_output
+            op.keeps = ("inputs" if rule.needs_input else "shapes") + ("+output" if keeps_output else "")
 
     def _last_forward_use(self) -> dict[fx.Node, int]:
         last: dict[fx.Node, int] = {}
@@ -329,8 +349,8 @@ class Explainer:
                 if part is None:
                     continue
                 if self.trace_enabled and isinstance(part, torch.Tensor):
-                    key = step.path if len(outgoing) == 1 else f"{step.path}[{index}]"
-                    trace[key] = part if key not in trace else trace[key] + part
+                    key = self._trace_keys[node]
+                    trace[key if len(outgoing) == 1 else f"{key}[{index}]"] = part
                 relevance[source] = _add(relevance.get(source), part)
         return relevance.pop(program.input_node, None), trace
 
@@ -385,7 +405,12 @@ class Explainer:
             modified = [self._modified_input(t.input, a, nonnegative, rule) for t in terms]
             params = [layer.params(t.weight, t.bias, compute, self._memory_format) for t in terms]
             z = None
-            for term, inp, (weight, bias) in zip(terms, modified, params):
+            if op.reuses_output and group.normalized:  # the forward already computed z (epsilon rule)
+                z = output.to(relevance.dtype)
+                z = z.clone() if z is output and _positive_denominator(group, nonnegative) else z
+            for term, inp, (weight, bias) in (
+                zip(terms, modified, params) if z is None and group.normalized else ()
+            ):
                 filters = layer.winograd_filters(term.weight, compute, size) if self.winograd else None
                 part = self._term_output(op, term, inp, weight, bias, filters, relevance.dtype)
                 z = part if z is None else z.add_(part)
@@ -393,7 +418,9 @@ class Explainer:
         scales = self._group_scales(rule, [plan[0] for plan in plans], [plan[4] for plan in plans])
         result: torch.Tensor | None = None
         for (group, terms, modified, params, z), scale in zip(plans, scales):
-            if _positive_denominator(group, nonnegative):
+            if not group.normalized:  # a signal projected back as it is (PatternNet, PatternAttribution)
+                s = relevance
+            elif _positive_denominator(group, nonnegative):
                 s = torch.div(relevance, z.add_(rule.stabilizer), out=z)
             else:
                 s = relevance / stabilize(z, rule.stabilizer)
@@ -460,6 +487,8 @@ class Explainer:
     def _modified_input(self, kind: str, a: Any, nonnegative: bool, rule: Rule) -> Any:
         if kind == "identity" or (kind == "positive" and nonnegative):
             return a
+        if kind == "active":  # a ReLU's gate, read off its (non-negative) output
+            return (a > 0).to(a.dtype) if nonnegative else self._modified_input("ones", a, nonnegative, rule)
         if kind == "positive":
             return a.clamp(min=0)
         if kind == "negative":
@@ -484,6 +513,16 @@ class Explainer:
             return low, high
         assert self.bounds is not None
         return self.bounds
+
+
+def _forward_is_denominator(rule: Rule) -> bool:
+    """Whether the rule's one denominator is the layer's own forward output (the epsilon rule with the
+    bias kept), so the output kept from the forward pass serves as z instead of being recomputed."""
+    groups = rule.groups()
+    if len(groups) != 1 or len(groups[0].terms) != 1 or not groups[0].normalized:
+        return False
+    term = groups[0].terms[0]
+    return term.input == "identity" and term.weight == KEEP and term.bias == KEEP and term.sign == 1.0
 
 
 def _positive_denominator(group: Any, nonnegative_input: bool) -> bool:

@@ -6,6 +6,8 @@ Every rule is written in one general form, so the engine needs a single implemen
     s_g   = R / stabilise(z_g)                    (optionally only where the layer output has a sign)
     R_in  = sum_g scale_g * sum_k sign_k * input_k(a) * layer^T(s_g; weight_k)
 
+A group that is not ``normalized`` skips the division (s_g = R): a signal projected back through
+modified weights, as PatternNet and PatternAttribution do (``patterns.py``).
 A rule is therefore a tuple of groups of terms, each term naming how the input and the parameters are
 modified. The modifiers are small hashable values so the engine can cache modified weights per layer.
 """
@@ -17,7 +19,9 @@ from typing import ClassVar, Literal
 
 import torch
 
-InputMod = Literal["identity", "positive", "negative", "ones", "low", "high"]
+InputMod = Literal["identity", "positive", "negative", "ones", "low", "high", "active"]
+"""``active``: 1 where a non-negative (ReLU-fed) input is positive, else 1 everywhere: the ReLU gate of a
+gradient-like pass (PatternNet, PatternAttribution)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class Group:
     terms: tuple[Term, ...]
     scale: float = 1.0
     output_sign: int = 0  # +1/-1: only where the unmodified layer output is positive/negative
+    normalized: bool = True  # False: s = R itself, not R / z (a signal projected back, as PatternNet does)
 
 
 def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -97,7 +102,8 @@ class Rule:
     @property
     def needs_input(self) -> bool:
         """False when the rule never looks at the activations (flat, w², ones-input z+)."""
-        return any(t.input in ("identity", "positive", "negative") for g in self.groups() for t in g.terms)
+        inputs = ("identity", "positive", "negative", "active")
+        return any(t.input in inputs for g in self.groups() for t in g.terms)
 
     @property
     def needs_output(self) -> bool:
@@ -182,7 +188,9 @@ class AlphaBeta(Rule):
             (Term("positive", NEGATIVE, _bias(self.zero_bias, NEGATIVE)), Term("negative", POSITIVE)),
             scale=-self.beta,
         )
-        return (positive, negative) if self.beta else (positive,)
+        # the negative group is kept at beta = 0 too: a neuron whose contributions are all negative is
+        # then explained by them alone (see Explainer._group_scales), where alpha1-beta0 would lose it
+        return (positive, negative)
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,9 @@ class _Tracer(fx.Tracer):
         return super().getattr(attr, attr_val, {})
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        # fx hands us ``Module.__call__``, which would trace the user's forward hooks of a container
+        # module into the graph; its own ``forward`` is the computation to explain
+        forward = m.forward
         decomposition = MODULE_DECOMPOSITIONS.get(type(m))
         if decomposition is not None:
             return decomposition(self, m, self.path_of_module(m), *args, **kwargs)

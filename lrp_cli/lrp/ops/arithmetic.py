@@ -7,11 +7,13 @@ softmax output), ``"constant"`` (a parameter or a tensor computed from parameter
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ..rules import stabilize
 from .base import Op, Relevances, UnsupportedOperationError, share_by_contribution
 
 SIGNALS = ("value", "attention")
@@ -93,19 +95,16 @@ class Arithmetic(Op):
         return result
 
     def _by_contribution(self, relevance, inputs, output, ctx, indices):
-        first, second = sorted(indices)
-        sign = -1.0 if self.kind == "sub" else 1.0
-
-        def linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return a + sign * b
-
-        shares = share_by_contribution(
-            linear, [inputs[first], inputs[second]], output, relevance, ctx.stabilizer
-        )
+        """The epsilon rule on ``a + b`` (``a - b``): each operand gets ``x * R / stabilise(a +- b)``, its
+        own shape restored by summing over what it was broadcast along (written out, no autograd)."""
+        s = relevance / stabilize(output.to(relevance.dtype), ctx.stabilizer)
         result: Relevances = [None] * len(inputs)
-        for index, share in zip((first, second), shares):
-            if self.roles[index] != "constant":
-                result[index] = share.sum_to_size(inputs[index].shape)
+        for index in sorted(indices):
+            x = inputs[index]
+            if self.roles[index] == "constant":
+                continue
+            share = x.to(relevance.dtype) * s.sum_to_size(x.shape)
+            result[index] = -share if self.kind == "sub" and index == max(indices) else share
         return result
 
     def _halves(self, relevance, inputs, output, ctx, indices):
@@ -151,7 +150,42 @@ class Product(Op):
         signals = _signal_indices(self.roles, inputs, (*SIGNALS, "gate"))
         if ctx.attention == "cp" and len(signals) == 2:
             signals = [i for i in signals if self.roles[i] != "attention"] or signals
-        if len(signals) == 2:
-            return halves(self.bound, relevance, inputs, output, ctx.stabilizer, signals)
-        shares = share_by_contribution(self.bound, inputs, output, relevance, ctx.stabilizer)
-        return [share if i in signals else None for i, share in enumerate(shares)]
+        shares = matmul_shares(self.fn, inputs, output, relevance, ctx.stabilizer, signals)
+        if shares is None:
+            shares = share_by_contribution(self.bound, inputs, output, relevance, ctx.stabilizer)
+        half = 0.5 if len(signals) == 2 else None
+        return [
+            None if i not in signals or share is None else share if half is None else share * half
+            for i, share in enumerate(shares)
+        ]
+
+
+MATMULS = (operator.matmul, torch.matmul, torch.bmm)
+
+
+def matmul_shares(
+    fn: Callable[..., Any],
+    inputs: list[Any],
+    output: torch.Tensor,
+    relevance: torch.Tensor,
+    epsilon: float,
+    wanted: list[int],
+) -> Relevances | None:
+    """The epsilon rule's shares of ``a @ b`` (as :func:`share_by_contribution`) with the adjoints
+    written out: ``a * (s @ b^T)`` and ``b * (a^T @ s)``, ``s = R / stabilise(a @ b)``, only for the
+    ``wanted`` operands (CP-LRP's attention weights are never asked for). None where the operands
+    broadcast (the caller falls back on autograd)."""
+    if fn not in MATMULS or len(inputs) != 2:
+        return None
+    a, b = inputs
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() < 2:
+        return None
+    if a.dim() != b.dim() or a.shape[:-2] != b.shape[:-2]:
+        return None
+    dtype = relevance.dtype
+    s = relevance / stabilize(output.to(dtype), epsilon)
+    a, b = a.to(dtype), b.to(dtype)
+    return [
+        a * (s @ b.transpose(-2, -1)) if 0 in wanted else None,
+        b * (a.transpose(-2, -1) @ s) if 1 in wanted else None,
+    ]

@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .base import Op, share_by_contribution
+from ..rules import stabilize
+from .base import Op
 
 
 class Normalization(Op):
@@ -40,38 +41,34 @@ class Normalization(Op):
         self.weight = None if weight is None else weight.detach()
         self.eps = eps
 
-    def _scaled(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The normaliser with its statistic computed from ``x`` and then held fixed, without bias."""
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The normaliser's statistic, ``1 / sqrt(var + eps)`` (or of the mean square), held fixed."""
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        weight = None if self.weight is None else self.weight.to(x.dtype)
         if self.groups is not None:
-            n, c = x.shape[:2]
-            grouped = x.reshape(n, self.groups, -1)
-            scale = torch.rsqrt(grouped.var(dim=-1, unbiased=False, keepdim=True) + eps)
-            channel_weight = None if weight is None else weight.reshape((1, c) + (1,) * (x.dim() - 2))
-
-            def group_linear(v: torch.Tensor) -> torch.Tensor:
-                g = v.reshape(n, self.groups, -1)
-                out = ((g - g.mean(dim=-1, keepdim=True)) * scale).reshape(v.shape)
-                return out if channel_weight is None else out * channel_weight
-
-            return group_linear
-        dims = self.dims
+            grouped = x.reshape(x.shape[0], self.groups, -1)
+            return torch.rsqrt(grouped.var(dim=-1, unbiased=False, keepdim=True) + eps)
         if self.centre:
-            scale = torch.rsqrt(x.var(dim=dims, unbiased=False, keepdim=True) + eps)
-        else:
-            scale = torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+            return torch.rsqrt(x.var(dim=self.dims, unbiased=False, keepdim=True) + eps)
+        return torch.rsqrt(x.pow(2).mean(dim=self.dims, keepdim=True) + eps)
 
-        def linear(v: torch.Tensor) -> torch.Tensor:
-            out = (v - v.mean(dim=dims, keepdim=True)) * scale if self.centre else v * scale
-            return out if weight is None else out * weight
-
-        return linear
+    def adjoint(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The transpose of the normaliser with its statistic fixed (centring, scale, affine weight), at
+        ``s``: the vector-Jacobian product of that linear map, written out instead of taken by autograd."""
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        scale = self._scale(x)
+        if self.groups is not None:
+            if weight is not None:
+                s = s * weight.reshape((1, x.shape[1]) + (1,) * (x.dim() - 2))
+            c = s.reshape(x.shape[0], self.groups, -1) * scale
+            return (c - c.mean(dim=-1, keepdim=True)).reshape(x.shape)
+        c = (s if weight is None else s * weight) * scale
+        return c - c.mean(dim=self.dims, keepdim=True) if self.centre else c
 
     def propagate(self, relevance, inputs, output, ctx):
+        """The epsilon rule on the linear map: ``x * adjoint(R / stabilise(y))``."""
         x = inputs[0].to(relevance.dtype)
-        (share,) = share_by_contribution(self._scaled(x), [x], output, relevance, ctx.stabilizer)
-        return [share] + [None] * (len(inputs) - 1)
+        s = relevance / stabilize(output.to(relevance.dtype), ctx.stabilizer)
+        return [x * self.adjoint(x, s)] + [None] * (len(inputs) - 1)
 
 
 class Softmax(Op):

@@ -23,6 +23,7 @@ class Weighted(Op):
         self.rule: Any = None
         self.first = False  # consumes the model input directly
         self.folded = False  # a batch norm has been folded into its parameters
+        self.reuses_output = False  # the rule's denominator is the forward output, kept (engine)
 
     @property
     def rule_name(self) -> str:  # type: ignore[override]
