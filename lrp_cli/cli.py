@@ -334,6 +334,10 @@ def doctor_command(
     raise typer.Exit(code)
 
 
+NOT_FOR_VIDEOS = ("overlay_format", "overlay_mode", "panel", "report", "save_relevance", "workers")
+"""Frames are decoded by PyAV in the main process and drawn as blended overlays into an mp4."""
+
+
 @app.command(
     "video",
     epilog=examples(
@@ -341,7 +345,7 @@ def doctor_command(
         "lrp-heatmap video talks/ --fps 5 --heatmap-video --topk 0.05",
     ),
 )
-@with_config_options
+@with_config_options(exclude=NOT_FOR_VIDEOS)
 def video_command(
     inputs: Annotated[
         list[str], typer.Argument(help="Video files, animated GIF/WebP, folders, or - for stdin.")
@@ -374,7 +378,7 @@ def video_command(
 @app.command(
     "occlude", epilog=examples("lrp-heatmap occlude input/cat.png --patch 32 --stride 16 -o occlusion/")
 )
-@with_config_options
+@with_config_options(exclude=(*NOT_FOR_VIDEOS, "overlay_alpha", "workers"))
 def occlude_command(
     inputs: Inputs,
     config: ConfigOpt = None,

@@ -290,7 +290,7 @@ def run_job(
     """One rank of ``torchrun ... -m lrp_cli run``: the job's exit code (the worst of its ranks)."""
     from . import pipeline
     from .lock import FolderLock
-    from .outputs import remove_stale_temporaries
+    from .outputs import take_over_folder
 
     err = sys.stderr
     out_dir = Path(os.path.abspath(config.output))
@@ -299,13 +299,7 @@ def run_job(
     def take_folder() -> list[Any]:
         items = pipeline.find_inputs(config, inputs, stdin, out_dir)
         lock.acquire()
-        if lock.taken_over:
-            err.write(
-                f"lrp-heatmap: took over the lock of a run that ended without releasing it ({lock.taken_over})\n"
-            )
-        removed = remove_stale_temporaries(out_dir)
-        if removed:
-            err.write(f"lrp-heatmap: removed {removed} unfinished temporary file(s) left by a killed run\n")
+        take_over_folder(lock, err)
         adopt_rank_manifests(out_dir, resume, err)
         if not resume:
             ManifestWriter(out_dir / MANIFEST, fresh=True).close()

@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 from PIL import Image
@@ -15,6 +15,7 @@ from PIL import Image
 from .config import Config
 from .data import ImageItem, name_key
 from .errors import RunError, disk_failure
+from .lock import FolderLock
 from .manifest import add_paths
 from .models import LoadedModel
 from .panel import Caption, panel_image
@@ -72,6 +73,18 @@ def remove_stale_temporaries(out_dir: Path) -> int:
                 Path(root, name).unlink(missing_ok=True)
                 removed += 1
     return removed
+
+
+def take_over_folder(lock: FolderLock, err: TextIO, *, clean: bool = True) -> None:
+    """After the lock is held: say whose killed run's lock was taken over and remove that run's
+    unfinished temporary files (``clean=False`` for a torchrun rank, whose rank 0 cleaned for all)."""
+    if lock.taken_over:
+        err.write(
+            f"lrp-heatmap: took over the lock of a run that ended without releasing it ({lock.taken_over})\n"
+        )
+    removed = remove_stale_temporaries(lock.folder) if clean else 0
+    if removed:
+        err.write(f"lrp-heatmap: removed {removed} unfinished temporary file(s) left by a killed run\n")
 
 
 def render_outputs(

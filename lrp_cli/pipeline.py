@@ -39,7 +39,7 @@ from .lock import FolderLock
 from .lrp import Explainer, retain_freed_memory
 from .manifest import MANIFEST, ManifestState, ManifestWriter, read_manifest
 from .models import LoadedModel, load_model
-from .outputs import Prediction, check_inputs_kept, failure_record, remove_stale_temporaries, render_outputs
+from .outputs import Prediction, check_inputs_kept, failure_record, render_outputs, take_over_folder
 from .runinfo import SetupClock, resolution_notice, setup_text, summary_record, warm_up
 
 
@@ -301,13 +301,7 @@ def _run_locked(
 ) -> int:
     err = sys.stderr
     out_dir = lock.folder
-    if lock.taken_over:
-        err.write(
-            f"lrp-heatmap: took over the lock of a run that ended without releasing it ({lock.taken_over})\n"
-        )
-    removed = remove_stale_temporaries(out_dir) if rank is None else 0  # a job's rank 0 did it for all
-    if removed:
-        err.write(f"lrp-heatmap: removed {removed} unfinished temporary file(s) left by a killed run\n")
+    take_over_folder(lock, err, clean=rank is None)  # a torchrun job's rank 0 cleaned for all ranks
     if rank is None:
         adopt_rank_manifests(out_dir, resume, err)  # what a crashed torchrun job left (lrp_cli.distributed)
     manifest = out_dir / MANIFEST

@@ -160,7 +160,7 @@ def run_ray(
     stdin: Iterable[str] | None = None,
 ) -> int:
     """``lrp-heatmap run --engine ray``: the same exit codes and files as a local run."""
-    from .outputs import remove_stale_temporaries
+    from .outputs import take_over_folder
     from .pipeline import find_inputs
 
     try:
@@ -172,13 +172,7 @@ def run_ray(
     items = find_inputs(config, inputs, stdin, out_dir)
     lock = FolderLock(out_dir, job="Ray Data driver").acquire()
     try:
-        if lock.taken_over:
-            err.write(
-                f"lrp-heatmap: took over the lock of a run that ended without releasing it ({lock.taken_over})\n"
-            )
-        removed = remove_stale_temporaries(out_dir)
-        if removed:
-            err.write(f"lrp-heatmap: removed {removed} unfinished temporary file(s) left by a killed run\n")
+        take_over_folder(lock, err)
         return _drive(config, items, out_dir, resume, json_output, quiet)
     finally:
         lock.release()

@@ -34,7 +34,7 @@ from .lock import FolderLock
 from .manifest import MANIFEST, ManifestWriter, add_paths, read_manifest
 from .media import ANIMATED_EXTENSIONS, Clip, Encoder, VideoError, open_clip, subsample
 from .models import load_model
-from .outputs import failure_record, remove_stale_temporaries
+from .outputs import failure_record, take_over_folder
 from .pipeline import Reporter, StdoutClosed, _silence_stdout, prepare_engine, resolve_device
 from .render import atomic_write
 
@@ -297,13 +297,7 @@ def run_videos(
     lock = FolderLock(out_dir).acquire()
     err = sys.stderr
     try:
-        if lock.taken_over:
-            err.write(
-                f"lrp-heatmap: took over the lock of a run that ended without releasing it ({lock.taken_over})\n"
-            )
-        removed = remove_stale_temporaries(out_dir)
-        if removed:
-            err.write(f"lrp-heatmap: removed {removed} unfinished temporary file(s) left by a killed run\n")
+        take_over_folder(lock, err)
         manifest = out_dir / MANIFEST
         state = read_manifest(manifest) if resume else None
         todo = [item for item in items if state is None or str(item.path) not in state.done]
