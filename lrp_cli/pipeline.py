@@ -40,7 +40,7 @@ from .lrp import Explainer, retain_freed_memory
 from .manifest import MANIFEST, ManifestState, ManifestWriter, read_manifest
 from .models import LoadedModel, load_model
 from .outputs import Prediction, check_inputs_kept, failure_record, render_outputs, take_over_folder
-from .runinfo import SetupClock, resolution_notice, setup_text, summary_record, warm_up
+from .runinfo import SetupClock, resolution_notice, setup_text, summary_record
 
 
 def _finished(record: dict[str, Any]) -> Future:
@@ -72,10 +72,16 @@ DEFAULT_RESOLUTION = 224
 """Input size for models that do not say what they were trained at."""
 
 
-def prepare_engine(config: Config, loaded: LoadedModel) -> tuple[torch.device, Explainer]:
+def prepare_engine(
+    config: Config, loaded: LoadedModel, trial_batch: int = 1
+) -> tuple[torch.device, Explainer]:
     """The configured device, with the model on it, and the engine as the config describes it
-    (composite preset plus rule overrides), tried once on a blank image so that a rule, a target or an
-    operation the model cannot take stops the run here, before any file is written."""
+    (composite preset plus rule overrides), tried once on a blank batch so that a rule, a target or an
+    operation the model cannot take stops the run here, before any file is written.
+
+    A run makes the trial batch as large as its first batch will be: the one-off costs of that shape
+    (kernel selection, cuDNN autotuning, first touch of its buffers) are then set-up, so each record's
+    ``ms`` is the steady per-image time, at the price of one blank batch instead of one blank image."""
     resolution_notice(config, loaded.input_size, loaded.name)  # asked for a size the weights do not know
     if config.resolution is None:  # the model's own input size; manifests and snapshots record it
         config.resolution = loaded.input_size[0] if loaded.input_size else DEFAULT_RESOLUTION
@@ -101,15 +107,20 @@ def prepare_engine(config: Config, loaded: LoadedModel) -> tuple[torch.device, E
     except (ValueError, KeyError) as error:
         raise RunError(f"the rules do not fit model {loaded.name!r}: {error}") from None
     config.composite = explainer.composite.name  # "auto" resolved: manifests and snapshots name the preset
-    blank = torch.zeros(1, 3, config.resolution, config.resolution, device=device)
-    try:
-        explainer(blank, config.target)
-    except ValueError as error:  # e.g. a target class the model does not have
-        raise RunError(f"cannot explain with target {config.target!r}: {error}") from None
-    except Exception as error:
-        if is_out_of_memory(error):
-            raise out_of_memory(config, device) from None
-        raise
+    for size in dict.fromkeys((trial_batch, 1)):  # a batch too large for memory is the run's to halve
+        blank = torch.zeros(size, 3, config.resolution, config.resolution, device=device)
+        try:
+            explainer(blank, config.target)
+            break
+        except ValueError as error:  # e.g. a target class the model does not have
+            raise RunError(f"cannot explain with target {config.target!r}: {error}") from None
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if size == 1:
+                raise out_of_memory(config, device) from None
     return device, explainer
 
 
@@ -313,10 +324,10 @@ def _run_locked(
     resolve_device(config.device)  # a missing GPU is reported before the model loads
     setup = SetupClock()
     loaded = load_model(config.model, config.weights, config.mean, config.std)
-    device, explainer = prepare_engine(config, loaded)
-    if device.type == "cuda":  # every batch has one shape: let cuDNN time its kernels once and keep the best
+    if resolve_device(config.device).type == "cuda":  # one shape per batch: cuDNN times its kernels once
         torch.backends.cudnn.benchmark = True
-    warm_up(explainer, config, device, len(items))  # so that each record's ms is the steady time
+    first_batch = max(1, min(config.batch_size, len(items)))
+    device, explainer = prepare_engine(config, loaded, trial_batch=first_batch)  # so each ms is steady
     setup.stop()
     if state.torn_bytes:
         err.write(

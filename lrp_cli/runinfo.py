@@ -15,7 +15,7 @@ from .config import Config
 
 
 class SetupClock:
-    """Times the set-up: model load, tracing, the trial image and one warm-up batch."""
+    """Times the set-up: model load, tracing and the trial batch (the size of the first real one)."""
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
@@ -24,27 +24,6 @@ class SetupClock:
     def stop(self) -> float:
         self.ms = (time.perf_counter() - self.started) * 1000.0
         return self.ms
-
-
-def warm_up(explainer: Any, config: Config, device: Any, images: int) -> None:
-    """Explain one blank batch of the size the first real batch will have, so that the first batch's
-    one-off costs (kernel selection for the batch shape, cuDNN autotuning, first-touch of its buffers)
-    are set-up, not per-image time. Out of memory here is left to the run's own batch halving."""
-    size = min(config.batch_size, images)
-    if size <= 1:  # the one-image trial of prepare_engine already ran at this shape
-        return
-    import torch
-
-    from .errors import is_out_of_memory
-
-    blank = torch.zeros(size, 3, config.resolution, config.resolution, device=device)
-    try:
-        explainer(blank, config.target)
-    except Exception as error:
-        if not is_out_of_memory(error):
-            raise
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 def summary_record(explained: int, failed: int, setup_ms: float | None, manifest: Path) -> dict[str, Any]:
