@@ -660,7 +660,7 @@ patterns_app = typer.Typer(
 )
 app.add_typer(patterns_app, name="patterns")
 PATTERN_FIT_OPTIONS = (  # what the model sees while its statistics are gathered
-    "model", "weights", "mean", "std", "device", "resolution", "resize", "batch_size", "workers", "output",
+    "model", "weights", "mean", "std", "device", "resolution", "resize", "batch_size", "workers",
     "max_pixels",
 )  # fmt: skip
 
@@ -678,6 +678,9 @@ def patterns_fit(
         str, typer.Argument(metavar="DATA_DIR", help="Folder of images (searched recursively).")
     ],
     config: ConfigOpt = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="FILE", help="Patterns file to write.")
+    ] = Path("patterns.pt"),
     limit: Annotated[int | None, typer.Option(metavar="N", help="Use the first N images only.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     overrides: dict[str, Any] | None = None,
@@ -685,9 +688,9 @@ def patterns_fit(
     """Estimate PatternNet's linear and positive signal estimators for every conv and linear layer
     over the images in DATA_DIR; write them, with the weights' hash, to -o FILE (default patterns.pt).
     Exit 1 when some images could not be read (each reported)."""
-    overrides = dict(overrides or {})
-    output = Path(overrides.pop("output", None) or "patterns.pt")  # -o names the file here
-    settings = load_config(config, overrides)
+    settings = load_config(
+        config, {key: value for key, value in (overrides or {}).items() if key != "output"}
+    )
     from .patterns import fit_file
 
     raise typer.Exit(fit_file(settings, data_dir, output, limit=limit, quiet=quiet))
