@@ -7,6 +7,7 @@ import torch
 from .config import Config
 from .lrp import audit, format_audit
 from .models import load_model
+from .pipeline import input_resolution
 
 
 def doctor(settings: Config, *, json_output: bool, sample_seed: int = 0) -> tuple[int, str]:
@@ -23,7 +24,7 @@ def doctor(settings: Config, *, json_output: bool, sample_seed: int = 0) -> tupl
         "mean": loaded.mean,
         "std": loaded.std,
     }
-    size = settings.resolution or (loaded.input_size[0] if loaded.input_size else 224)
+    size = input_resolution(settings, loaded)
     generator = torch.Generator().manual_seed(sample_seed)
     sample = torch.randn(1, 3, size, size, generator=generator)
     report = audit(loaded.module, sample, composite=settings.composite, target=settings.target, **options)

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError, load_config, merge
-from .data import ImageDataset, ImageItem, discover, make_loader
+from .data import ImageItem, discover, make_loader
 from .errors import EXIT_FAILED_INPUTS, EXIT_OK, RunError
 from .faithfulness import BASELINES, ORDERS, Curves, RegionPerturbation, region_perturbation
 from .lrp import Explainer
 from .models import LoadedModel, load_model
-from .pipeline import prepare_engine
+from .pipeline import image_dataset, prepare_engine
 from .render import atomic_write
 
 FILES = {"summary": "evaluation.json", "records": "evaluation.jsonl", "png": "evaluation.png",
@@ -143,8 +143,7 @@ def load_images(
             failed += 1
             err.write(f"lrp-heatmap: skipped {item.path}: {item.error}\n")
     usable = [item for item in items if item.error is None]
-    dataset = ImageDataset(usable, config.resolution, config.resize, loaded.mean, loaded.std, config.max_pixels,
-                           loaded.interpolation or "bicubic")  # fmt: skip
+    dataset = image_dataset(config, loaded, usable)
     kept: list[int] = []
     pixels: list[torch.Tensor] = []
     for batch in make_loader(dataset, config.batch_size, config.workers, pin_memory=False):

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from .config import Config
-from .data import ImageDataset, ImageItem, discover
+from .data import ImageItem, discover
 from .errors import EXIT_FAILED_INPUTS, EXIT_INTERRUPTED, EXIT_OK, RunError, disk_failure
 from .lock import FolderLock
 from .manifest import ManifestWriter, add_paths
 from .models import LoadedModel, load_model
 from .outputs import failure_record
-from .pipeline import HalvingExplainer, Reporter, prepare_engine, resolve_device
+from .pipeline import HalvingExplainer, Reporter, image_dataset, prepare_engine, resolve_device
 from .render import atomic_write, heatmap_image, image_bytes, normalise, npy_bytes
 
 MANIFEST = "occlusion.jsonl"
@@ -178,10 +178,7 @@ def _occlude_all(
     signed: bool,
     reporter: Reporter,
 ) -> None:
-    dataset = ImageDataset(
-        items, config.resolution, config.resize, loaded.mean, loaded.std, config.max_pixels,
-        loaded.interpolation or "bicubic",
-    )  # fmt: skip
+    dataset = image_dataset(config, loaded, items)
     for index, item in enumerate(items):
         if item.error is not None:
             reporter.record(failure_record(item, item.error))

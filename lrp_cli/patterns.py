@@ -12,7 +12,7 @@ from typing import TextIO
 import torch
 
 from .config import Config, ConfigError
-from .data import ImageDataset, InputError, discover, make_loader
+from .data import InputError, discover, make_loader
 from .errors import EXIT_FAILED_INPUTS, EXIT_OK, RunError
 from .lrp.patterns import PatternFitter, Patterns
 from .models import LoadedModel, load_model
@@ -79,7 +79,7 @@ def fit_file(
 ) -> int:
     """Fit the patterns of the configured model over the images under ``data_dir`` and write them to
     ``output`` atomically. Exit 0, or 1 when some images could not be read (each reported)."""
-    from .pipeline import DEFAULT_RESOLUTION, resolve_device
+    from .pipeline import image_dataset, input_resolution, resolve_device
 
     err = err or sys.stderr
     if output.is_dir():
@@ -89,21 +89,17 @@ def fit_file(
     items = discover([data_dir])[:limit]
     device = resolve_device(config.device)
     loaded = load_model(config.model, config.weights, config.mean, config.std)
-    resolution = config.resolution or (loaded.input_size[0] if loaded.input_size else DEFAULT_RESOLUTION)
+    resolution = input_resolution(config, loaded)
     loaded.module.to(device)
     fitter = PatternFitter(loaded.module, name=loaded.name)
     skipped = [(item, item.error) for item in items if item.error is not None]
     usable = [item for item in items if item.error is None]
-    dataset = ImageDataset(
-        usable,
-        resolution,
-        config.resize,
-        loaded.mean,
-        loaded.std,
-        config.max_pixels,
-        loaded.interpolation or "bicubic",
+    loader = make_loader(
+        image_dataset(config, loaded, usable),
+        config.batch_size,
+        config.workers,
+        pin_memory=device.type == "cuda",
     )
-    loader = make_loader(dataset, config.batch_size, config.workers, pin_memory=device.type == "cuda")
     bar = None
     if not quiet and err.isatty():
         from tqdm import tqdm

@@ -72,6 +72,26 @@ DEFAULT_RESOLUTION = 224
 """Input size for models that do not say what they were trained at."""
 
 
+def input_resolution(config: Config, loaded: LoadedModel) -> int:
+    """The configured input size, or else the model's own (DEFAULT_RESOLUTION where it names none)."""
+    if config.resolution is not None:
+        return config.resolution
+    return loaded.input_size[0] if loaded.input_size else DEFAULT_RESOLUTION
+
+
+def image_dataset(config: Config, loaded: LoadedModel, items: Sequence[ImageItem]) -> ImageDataset:
+    """``items`` decoded as the model expects them: its input size, normalisation and resampling."""
+    return ImageDataset(
+        items,
+        input_resolution(config, loaded),
+        config.resize,
+        loaded.mean,
+        loaded.std,
+        config.max_pixels,
+        loaded.interpolation or "bicubic",
+    )
+
+
 def prepare_engine(
     config: Config, loaded: LoadedModel, trial_batch: int = 1
 ) -> tuple[torch.device, Explainer]:
@@ -83,8 +103,7 @@ def prepare_engine(
     (kernel selection, cuDNN autotuning, first touch of its buffers) are then set-up, so each record's
     ``ms`` is the steady per-image time, at the price of one blank batch instead of one blank image."""
     resolution_notice(config, loaded.input_size, loaded.name)  # asked for a size the weights do not know
-    if config.resolution is None:  # the model's own input size; manifests and snapshots record it
-        config.resolution = loaded.input_size[0] if loaded.input_size else DEFAULT_RESOLUTION
+    config.resolution = input_resolution(config, loaded)  # manifests and snapshots record the size used
     device = resolve_device(config.device)
     retain_freed_memory()  # batch after batch reuses the same large buffers instead of page-faulting them
     loaded.module.to(device)
@@ -190,16 +209,12 @@ def explained_batches(
     items = [item for item in items if item.error is None]
     if not items:
         return
-    dataset = ImageDataset(
-        items,
-        config.resolution,
-        config.resize,
-        loaded.mean,
-        loaded.std,
-        config.max_pixels,
-        loaded.interpolation or "bicubic",
+    loader = make_loader(
+        image_dataset(config, loaded, items),
+        config.batch_size,
+        config.workers,
+        pin_memory=device.type == "cuda",
     )
-    loader = make_loader(dataset, config.batch_size, config.workers, pin_memory=device.type == "cuda")
     explain = HalvingExplainer(explainer, config, device, err or sys.stderr)
     for batch in _guard_workers(loader):
         failures = [(items[i], error) for i, error in batch["failures"]]

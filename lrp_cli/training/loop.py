@@ -27,7 +27,7 @@ from ..config import Config, ConfigError, load_config, merge
 from ..data import InputError
 from ..errors import EXIT_INTERRUPTED, EXIT_OK, RunError
 from ..lock import FolderLock
-from ..pipeline import DEFAULT_RESOLUTION, resolve_device
+from ..pipeline import input_resolution, resolve_device
 from . import checkpoint
 from .curves import CURVES, METRICS, read_metrics, write_curves, write_metrics
 from .folders import ClassImages, EpochBatches, Preprocessing, Split, find_split, loader
@@ -208,7 +208,7 @@ class _Run:
         config, s, device = self.config, self.settings, self.device
         torch.manual_seed(s["seed"])
         loaded, head = build(config.model, config.weights, s["pretrained"], len(split.classes))
-        resolution = config.resolution or (loaded.input_size[0] if loaded.input_size else DEFAULT_RESOLUTION)
+        resolution = input_resolution(config, loaded)
         pre = Preprocessing(
             resolution,
             config.resize,
