@@ -4,8 +4,8 @@ VGG16 has seeded random weights (nothing is downloaded); the embedded EfficientN
 Every method runs alone in a fresh process (no heap, cache or thread-pool state carried over from
 another method), with the allocator settings ``lrp-heatmap`` uses (``retain_freed_memory``); the
 methods are interleaved over ``--rounds`` passes, so a machine whose speed drifts over minutes treats
-them alike. A figure is the median over every round's ``--repeats`` timed runs, each round after one
-warm-up; peak memory is the resident-set growth from after the model is built to the end (warm-up
+them alike. A figure is the median over every round's ``--repeats`` timed runs, each round after
+``--warmups`` untimed calls (the heap takes a few calls to reach its steady size); peak memory is the resident-set growth from after the model is built to the end (warm-up
 included, so rule weights and Winograd filters count), sampled every 5 ms.
 
     python benchmarks/bench.py                 # everything (about 15 minutes on 2 CPU cores)
@@ -96,6 +96,54 @@ def captum_lrp(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Te
     return lambda: lrp.attribute(x, target=0)
 
 
+def seed_lrpmodel(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The seed implementation's ``LRPModel`` algorithm for VGG, rebuilt from its blog post.
+
+    The layers run in order (features, average pool, flatten, classifier) and every activation is kept,
+    the image itself replaced by ones; then, from the softmax output back to the input, each layer's
+    relevance is split by the gradient trick on a copy of the layer: weights clamped to their positive
+    part and biases zeroed (z+, as new ``Parameter`` s, so autograd also computes their gradients, as in
+    the seed), ``z = layer(a) + eps``, ``s = r / z``, ``(z * s).sum().backward()``, ``r = a * a.grad``.
+    Max pools propagate as average pools of the same window, the other pools through themselves;
+    activations and dropout pass relevance through unchanged.
+    """
+    eps = 1.0e-5
+    layers = [*model.features, model.avgpool, torch.nn.Flatten(1), *model.classifier]
+    relevance_layers: list[torch.nn.Module | None] = []
+    for layer in layers:
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            copied = copy.deepcopy(layer)
+            copied.weight = torch.nn.Parameter(layer.weight.clamp(min=0.0))
+            copied.bias = torch.nn.Parameter(torch.zeros_like(layer.bias))
+            relevance_layers.append(copied)
+        elif isinstance(layer, torch.nn.MaxPool2d):
+            relevance_layers.append(torch.nn.AvgPool2d(layer.kernel_size, layer.stride))
+        elif isinstance(layer, (torch.nn.AdaptiveAvgPool2d, torch.nn.AvgPool2d)):
+            relevance_layers.append(layer)
+        else:  # ReLU, Dropout, Flatten: relevance passes as it is (reshaped for Flatten)
+            relevance_layers.append(None)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            activations = [x]
+            for layer in layers:
+                activations.append(layer(activations[-1]))
+            activations[0] = torch.ones_like(x)
+        relevance = torch.softmax(activations[-1], dim=-1)
+        for layer, a in zip(reversed(relevance_layers), reversed(activations[:-1])):
+            if layer is None:
+                relevance = relevance.reshape(a.shape)
+                continue
+            a = a.detach().requires_grad_(True)
+            z = layer(a) + eps
+            s = (relevance / z).data
+            (z * s).sum().backward()
+            relevance = (a * a.grad).data
+        return relevance
+
+    return run
+
+
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
@@ -150,6 +198,7 @@ METHODS: dict[str, tuple[str, Callable, Callable]] = {
         lambda m, x: lambda: Explainer(m, "seed", 1.0)(x),
     ),
     "zennit": ("Zennit 0.5.1 z+", _vgg, zennit_zplus),
+    "seed_lrp": ("seed implementation's LRPModel (rebuilt)", _vgg, seed_lrpmodel),
     "captum": ("Captum 0.9 LRP", _vgg, captum_lrp),
     "bf16": ("lrp-heatmap seed, bf16", _vgg, lambda m, x: _explainer(m, x, "seed", 1.0, precision="bf16")),
     "lite_forward": ("forward", _lite0, lambda m, x: _forward(m, x, False)),
@@ -181,7 +230,8 @@ def child(args: argparse.Namespace) -> None:
     times = []
     with PeakMemory() as memory:
         fn = build_method(model, x)
-        fn()  # warm-up: whatever the method builds on its first call counts towards its peak
+        for _ in range(args.warmups):  # what a method builds on its first call counts towards its peak;
+            fn()  # later calls still grow the heap to its steady size (page faults) before it settles
         for _ in range(args.repeats):
             started = time.perf_counter()
             fn()
@@ -197,6 +247,7 @@ def measure_all(args: argparse.Namespace, names: list[str]) -> dict[str, tuple[f
     for _ in range(args.rounds):
         for name in names:
             command = [sys.executable, __file__, "--method", name, "--repeats", str(args.repeats)]
+            command += ["--warmups", str(args.warmups)]
             command += ["--batch-size", str(args.batch_size), "--resolution", str(args.resolution)]
             command += ["--threads", str(args.threads)] + (
                 ["--glibc-defaults"] if args.glibc_defaults else []
@@ -301,6 +352,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved passes over all methods")
+    parser.add_argument("--warmups", type=int, default=3, help="untimed calls before the timed ones")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
         "--bf16", action="store_true", help="also time bf16 (slow on CPUs without AMX/AVX512-BF16)"

@@ -278,7 +278,7 @@ def test_key_precision_agrees_with_fp32_to_r_0_9999(nets, photos, tmp_path, prec
 def test_key_winograd_switches_wide_convolutions(nets, photos, tmp_path, monkeypatch):
     calls = []
     conv3x3 = winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda *args: calls.append(1) or conv3x3(*args))
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: calls.append(1) or conv3x3(*a, **k))
     run(photos, tmp_path / "fast", "--model", "promise_nets:wide")
     assert calls, "winograd: true must run the wide layer by Winograd"
     calls.clear()

@@ -22,6 +22,22 @@ def test_conv3x3_equals_direct_convolution(shape, with_bias):
     torch.testing.assert_close(result, F.conv2d(x, weight, bias, padding=1), rtol=0, atol=1e-10)
 
 
+def test_conv3x3_splits_share_one_input_transform():
+    """Two filter sets side by side give both convolutions as separate channels-last tensors, each
+    with its own bias, on a map that is not a whole number of tiles."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, 10, 7, dtype=torch.float64)
+    first, second = torch.randn(5, 8, 3, 3, dtype=torch.float64), torch.randn(5, 8, 3, 3, dtype=torch.float64)
+    bias = torch.randn(10, dtype=torch.float64)
+    filters = torch.cat([winograd.transform_filters(first), winograd.transform_filters(second)], dim=2)
+    a, b = winograd.conv3x3(x, filters, bias, splits=(5, 5))
+    torch.testing.assert_close(a, F.conv2d(x, first, bias[:5], padding=1), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(b, F.conv2d(x, second, bias[5:], padding=1), rtol=1e-10, atol=1e-10)
+    assert a.is_contiguous(memory_format=torch.channels_last) and b.is_contiguous(
+        memory_format=torch.channels_last
+    )
+
+
 @pytest.mark.parametrize("size", [(5, 5), (12, 7)])
 def test_transposed_filters_give_the_adjoint(size):
     torch.manual_seed(1)
@@ -140,10 +156,14 @@ def test_engine_with_winograd_matches_direct(composite, terms, monkeypatch):
     direct = Explainer(model, composite, mean=[0.5] * 3, std=[0.5] * 3, winograd=False)
     calls = []
     conv3x3 = winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda *args: calls.append(args) or conv3x3(*args))
+    monkeypatch.setattr(
+        winograd, "conv3x3", lambda *args, **kwargs: calls.append(kwargs) or conv3x3(*args, **kwargs)
+    )
     result = fast(x)
-    # two wide layers: the forward, then each term's modified forward and its transpose
-    assert len(calls) == 2 * (1 + 2 * terms)
+    # two wide layers. One z+ term on ReLU outputs: its modified forward runs with the layer's forward
+    # (one call, two outputs), then its transpose; two terms: forward, each term's forward and transpose
+    assert len(calls) == 2 * (2 if terms == 1 else 1 + 2 * terms)
+    assert sum("splits" in kwargs for kwargs in calls) == (2 if terms == 1 else 0)
     reference = direct(x)
     torch.testing.assert_close(result.relevance, reference.relevance, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(result.logits, reference.logits, rtol=1e-10, atol=1e-12)

@@ -14,9 +14,9 @@ from torch import nn
 from .composites import Composite, get_composite, resolve_composite
 from .filter import relevance_filter
 from .graph import Program, Step, build_program
-from .ops import Constant, ShapeOf, Subprogram, UnsupportedOperationError, Weighted
+from .ops import Constant, Passthrough, ShapeOf, Subprogram, UnsupportedOperationError, Weighted
 from .patterns import Patterns, bind_patterns
-from .rules import KEEP, AlphaBeta, Rule, ZBox, stabilize
+from .rules import KEEP, AlphaBeta, Rule, Term, ZBox, stabilize
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Target = int | Sequence[int] | torch.Tensor | str | None
@@ -137,9 +137,11 @@ class Explainer:
         self._arg_nodes = {step.node: _flat_nodes(step.node) for step in self.program.steps}
         self._trace_keys = _trace_keys(self.program.steps)
         self._assign_rules()
+        self._fused_relus = self._fuse_relus()
         self._last_use = self._last_forward_use()
         self._constant_terms: dict[tuple, torch.Tensor] = {}
         self._constant_inputs: dict[tuple, torch.Tensor] = {}
+        self._joint_biases: dict[tuple, torch.Tensor] = {}
         self.observer: Callable[[Step, Any, list[Any]], None] | None = None  # sees every step's split
         self._block = False  # a module traced per input shape, inside another program
 
@@ -204,8 +206,32 @@ class Explainer:
                 )
             op.rule = rule
             op.reuses_output = op.after is None and _forward_is_denominator(rule)
+            op.joint_term = None if op.reuses_output else _joint_term(rule, self._nonnegative_input[id(op)])
             keeps_output = rule.needs_output or op.reuses_output
             op.keeps = ("inputs" if rule.needs_input else "shapes") + ("+output" if keeps_output else "")
+
+    def _fuse_relus(self) -> set[fx.Node]:
+        """ReLUs whose input is a weighted layer's output used nowhere else: the layer rectifies its
+        output itself (inside the convolution, or while Winograd's output is copied into place), so the
+        map is not read and written once more. The ReLU's own relevance rule (identity) is unchanged."""
+        fused: set[fx.Node] = set()
+        for step in self.program.steps:
+            op = step.op
+            if not isinstance(op, Weighted):
+                continue
+            users = [self._steps_by_node.get(user) for user in step.node.users]
+            op.fused_relu = (
+                op.after is None
+                and "output" not in op.keeps
+                and len(users) == 1
+                and users[0] is not None
+                and isinstance(users[0].op, Passthrough)
+                and users[0].operation in ("ReLU", "relu")
+                and self._arg_nodes[users[0].node] == [step.node]
+            )
+            if op.fused_relu:
+                fused.add(users[0].node)
+        return fused
 
     def _last_forward_use(self) -> dict[fx.Node, int]:
         last: dict[fx.Node, int] = {}
@@ -253,18 +279,18 @@ class Explainer:
                 continue
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            denominator = None
             if isinstance(op, Weighted):
-                weight, bias = op.layer.params(KEEP, KEEP, self._dtype, self._memory_format)
-                size = tuple(args[0].shape[-2:])
-                filters = op.layer.winograd_filters(KEEP, self._dtype, size) if self.winograd else None
-                value = op.layer.apply(args[0], weight, bias, filters)
-                if op.after is not None:
-                    value = op.after(value)
+                value, denominator = self._weighted_forward(op, args[0])
+            elif node in self._fused_relus:  # the layer before it has rectified its output already
+                value = args[0]
             else:
                 value = op.forward(*args, **kwargs)
             env[node] = value
             if _is_tensors(value) and op.keeps != "nothing":
                 kept[node] = self._keep(step, env, value)
+                if denominator is not None:  # kept in the output's place, which the rule does not need
+                    kept[node] = (kept[node][0], denominator)
             for source in self._arg_nodes[node]:
                 if self._last_use.get(source) == index and source is not logits_node:
                     env.pop(source, None)
@@ -277,6 +303,40 @@ class Explainer:
                 f"{getattr(logits, 'shape', type(logits).__name__)}"
             )
         return logits, kept
+
+    def _weighted_forward(self, op: Weighted, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's output and, where the rule's denominator is a modified copy of the layer on the
+        same input and Winograd applies, that denominator too (stabiliser included when it is a plain
+        ``+ epsilon``), from one shared input transform; None when the backward pass computes it."""
+        layer, size = op.layer, tuple(x.shape[-2:])
+        weight, bias = layer.params(KEEP, KEEP, self._dtype, self._memory_format)
+        term = op.joint_term
+        filters = None
+        if self.winograd and term is not None:
+            filters = layer.joint_winograd_filters((KEEP, term.weight), self._dtype, size)
+        if filters is not None:
+            value, denominator = layer.apply_joint(x, filters, self._joint_bias(op), relu=op.fused_relu)
+        else:
+            filters = layer.winograd_filters(KEEP, self._dtype, size) if self.winograd else None
+            value, denominator = layer.apply(x, weight, bias, filters, relu=op.fused_relu), None
+        if op.after is not None:
+            value = op.after(value)
+        return value, denominator
+
+    def _joint_bias(self, op: Weighted) -> torch.Tensor:
+        """The layer's bias next to the rule term's (plus the stabiliser where it is a plain ``+ eps``)."""
+        key = (id(op), self._dtype)
+        if key not in self._joint_biases:
+            term, rule = op.joint_term, op.rule
+            out_channels = op.layer.weight.shape[0]
+            zeros = torch.zeros(out_channels, dtype=self._dtype, device=op.layer.weight.device)
+            _, bias = op.layer.params(KEEP, KEEP, self._dtype, self._memory_format)
+            _, term_bias = op.layer.params(term.weight, term.bias, self._dtype, self._memory_format)
+            term_bias = zeros if term_bias is None else term_bias
+            if _positive_denominator(rule.groups()[0], self._nonnegative_input[id(op)]):
+                term_bias = term_bias + rule.stabilizer
+            self._joint_biases[key] = torch.cat([zeros if bias is None else bias, term_bias])
+        return self._joint_biases[key]
 
     def _keep(self, step: Step, env: dict[fx.Node, Any], value: Any) -> tuple[list[Any], Any]:
         """What ``propagate`` will need of this step: input values, input shapes and/or the output."""
@@ -381,8 +441,9 @@ class Explainer:
         child._steps_by_node = {step.node: step for step in program.steps}
         child._arg_nodes = {step.node: _flat_nodes(step.node) for step in program.steps}
         child._assign_rules()
+        child._fused_relus = child._fuse_relus()
         child._last_use = child._last_forward_use()
-        child._constant_terms, child._constant_inputs = {}, {}
+        child._constant_terms, child._constant_inputs, child._joint_biases = {}, {}, {}
         child._check_supported()
         return child
 
@@ -404,24 +465,39 @@ class Explainer:
             terms = [t for t in group.terms if not (nonnegative and t.input == "negative")]
             modified = [self._modified_input(t.input, a, nonnegative, rule) for t in terms]
             params = [layer.params(t.weight, t.bias, compute, self._memory_format) for t in terms]
-            z = None
+            # z's state: "stabilized" (computed with the forward, + epsilon included), "owned" (a fresh
+            # tensor, changed in place) or "shared" (a cached constant of one sample, broadcast)
+            z, state = None, "owned"
             if op.reuses_output and group.normalized:  # the forward already computed z (epsilon rule)
                 z = output.to(relevance.dtype)
                 z = z.clone() if z is output and _positive_denominator(group, nonnegative) else z
+            elif op.joint_term is not None and output is not None:  # computed with the forward
+                z = output.to(relevance.dtype)
+                state = "stabilized" if _positive_denominator(group, nonnegative) else "owned"
             for term, inp, (weight, bias) in (
                 zip(terms, modified, params) if z is None and group.normalized else ()
             ):
                 filters = layer.winograd_filters(term.weight, compute, size) if self.winograd else None
-                part = self._term_output(op, term, inp, weight, bias, filters, relevance.dtype)
-                z = part if z is None else z.add_(part)
-            plans.append((group, terms, modified, params, z))
+                part, shared = self._term_output(op, term, inp, weight, bias, filters, relevance.dtype)
+                if z is None:
+                    z, state = part, ("shared" if shared else "owned")
+                elif not shared:
+                    z, state = part.add_(z), "owned"
+                elif state == "owned":
+                    z = z.add_(part)
+                else:
+                    z = z + part  # two one-sample constants: still one sample, kept out of place
+            plans.append((group, terms, modified, params, z, state))
         scales = self._group_scales(rule, [plan[0] for plan in plans], [plan[4] for plan in plans])
         result: torch.Tensor | None = None
-        for (group, terms, modified, params, z), scale in zip(plans, scales):
+        for (group, terms, modified, params, z, state), scale in zip(plans, scales):
             if not group.normalized:  # a signal projected back as it is (PatternNet, PatternAttribution)
                 s = relevance
+            elif state == "stabilized":
+                s = torch.div(relevance, z, out=z)
             elif _positive_denominator(group, nonnegative):
-                s = torch.div(relevance, z.add_(rule.stabilizer), out=z)
+                s = torch.div(relevance, z.add_(rule.stabilizer), out=z) if state == "owned" else None
+                s = relevance / (z + rule.stabilizer) if s is None else s
             else:
                 s = relevance / stabilize(z, rule.stabilizer)
             if not isinstance(scale, float) or scale != 1.0:
@@ -439,8 +515,8 @@ class Explainer:
                     else None
                 )
                 contribution = layer.transpose(s, weight, shape, filters).to(relevance.dtype)
-                if term.input != "ones":
-                    contribution = contribution * inp
+                if term.input != "ones":  # the transposed map's output is a fresh tensor
+                    contribution = contribution.mul_(inp)
                 if term.sign != 1.0:
                     contribution = contribution.mul_(term.sign)
                 result = contribution if result is None else result.add_(contribution)
@@ -455,19 +531,20 @@ class Explainer:
         bias: Any,
         filters: torch.Tensor | None,
         dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """One term's modified forward, signed, in the relevance dtype. Terms whose input does not depend
-        on the image (ones, box bounds) are computed once per input shape and reused across batches."""
+    ) -> tuple[torch.Tensor, bool]:
+        """One term's modified forward, signed, in the relevance dtype, and whether it is shared. Terms
+        whose input does not depend on the image (ones, box bounds) are the same for every sample: they
+        are computed for one sample once per input shape and returned as that cached tensor, to be
+        broadcast and never changed in place."""
         constant = term.input in ("ones", "low", "high")
-        key = (id(op), term, tuple(inp.shape), inp.dtype, inp.device)
-        if constant and key in self._constant_terms:
-            return self._constant_terms[key].clone()
-        part = op.layer.apply(inp, weight, bias, filters).to(dtype)
-        if term.sign != 1.0:
-            part = part * term.sign
-        if constant:
-            self._constant_terms[key] = part.clone()
-        return part
+        if not constant:
+            part = op.layer.apply(inp, weight, bias, filters).to(dtype)
+            return (part if term.sign == 1.0 else part.mul_(term.sign)), False
+        key = (id(op), term, tuple(inp.shape[1:]), inp.dtype, inp.device, dtype)
+        if key not in self._constant_terms:
+            part = op.layer.apply(inp[:1], weight, bias, filters).to(dtype)
+            self._constant_terms[key] = part if term.sign == 1.0 else part * term.sign
+        return self._constant_terms[key], True
 
     @staticmethod
     def _group_scales(rule: Rule, groups: list[Any], zs: list[torch.Tensor]) -> list[Any]:
@@ -523,6 +600,19 @@ def _forward_is_denominator(rule: Rule) -> bool:
         return False
     term = groups[0].terms[0]
     return term.input == "identity" and term.weight == KEEP and term.bias == KEEP and term.sign == 1.0
+
+
+def _joint_term(rule: Rule, nonnegative_input: bool) -> Term | None:
+    """The rule's one denominator term when it is a modified copy of the layer on the layer's own input
+    (z+ on ReLU outputs, for one): the forward pass can compute it alongside the layer's output."""
+    groups = rule.groups()
+    if len(groups) != 1 or not groups[0].normalized or groups[0].output_sign:
+        return None
+    terms = [t for t in groups[0].terms if not (nonnegative_input and t.input == "negative")]
+    if len(terms) != 1 or terms[0].sign != 1.0:
+        return None
+    same_input = terms[0].input == "identity" or (terms[0].input == "positive" and nonnegative_input)
+    return terms[0] if same_input else None
 
 
 def _positive_denominator(group: Any, nonnegative_input: bool) -> bool:

@@ -57,13 +57,29 @@ class WeightedLayer:
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         filters: torch.Tensor | None = None,
+        *,
+        relu: bool = False,
     ) -> torch.Tensor:
         """The layer's forward map with the given (modified) parameters; by Winograd when ``filters``
-        (from :meth:`winograd_filters`) are given."""
+        (from :meth:`winograd_filters`) are given; rectified when ``relu``."""
         if filters is not None:
-            return winograd.conv3x3(x, filters, bias)
+            return winograd.conv3x3(x, filters, bias, relu=relu)
+        if relu and self.kind == "conv" and self.pad_mode == "zeros" and _fused_conv_relu(x, weight):
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, weight, bias, self.padding, self.stride, self.dilation, self.groups, "relu", [None], ""
+            )
+        out = self._apply(x, weight, bias)
+        return out.relu_() if relu else out  # a fresh tensor: rectified in place
+
+    def _apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.kind == "linear":
-            return F.linear(x, weight, bias)
+            if x.dim() != 2:
+                return F.linear(x, weight, bias)
+            # weight @ x^T: BLAS packs the small operand, not the weight (VGG16's first dense layer at
+            # batch 8 runs 1.3x faster); the result is a transposed view, which later ops accept
+            if bias is None:
+                return torch.mm(weight, x.T).T
+            return torch.addmm(bias[:, None], weight, x.T).T
         if self.kind == "diag":
             shape = (1, -1) + (1,) * (x.dim() - 2)
             out = x * weight.reshape(shape)
@@ -73,6 +89,15 @@ class WeightedLayer:
             return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         mode = "constant" if self.pad_mode == "same" else self.pad_mode
         return F.conv2d(F.pad(x, pads, mode=mode), weight, bias, self.stride, 0, self.dilation, self.groups)
+
+    def apply_joint(
+        self, x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, *, relu: bool = False
+    ) -> list[torch.Tensor]:
+        """Several maps of ``x`` at once from :meth:`joint_winograd_filters` (one input transform);
+        ``relu`` rectifies the first."""
+        out_channels = self.weight.shape[0]
+        splits = (out_channels,) * (filters.shape[2] // out_channels)
+        return winograd.conv3x3(x, filters, bias, splits=splits, relu=relu)
 
     def transpose(
         self,
@@ -128,9 +153,9 @@ class WeightedLayer:
             self._cache[key] = (weight, bias)
         return self._cache[key]
 
-    def winograd_eligible(self, size: tuple[int, int]) -> bool:
+    def winograd_eligible(self, size: tuple[int, int], maps: int = 1) -> bool:
         """A zero-padded 3x3, stride-1, ungrouped convolution wide enough for Winograd to pay off on
-        maps of ``size`` (height, width)."""
+        maps of ``size`` (height, width), computing ``maps`` outputs from one input transform."""
         if self.kind != "conv" or self.weight.device.type != "cpu":
             return False
         out_channels, in_channels, kh, kw = self.weight.shape
@@ -141,7 +166,7 @@ class WeightedLayer:
             and self.dilation == (1, 1)
             and self.groups == 1
             and padded_by_one
-            and winograd.worthwhile(in_channels, out_channels, *size)
+            and winograd.worthwhile(in_channels, maps * out_channels, *size)
         )
 
     def winograd_filters(
@@ -161,6 +186,38 @@ class WeightedLayer:
             weight = weight_mod(self.weight).to(dtype)
             self._winograd_cache[key] = winograd.transform_filters(weight, transposed=transposed)
         return self._winograd_cache[key]
+
+    def joint_winograd_filters(
+        self,
+        weight_mods: tuple[Callable[[torch.Tensor], torch.Tensor], ...],
+        dtype: torch.dtype,
+        size: tuple[int, int],
+    ) -> torch.Tensor | None:
+        """Transform-domain filters of several modified weights side by side, for one
+        :func:`~.winograd.conv3x3` call with ``splits`` (a forward and a rule's modified forward of the
+        same input), cached; None where layer, size or dtype do not qualify."""
+        if dtype not in (torch.float32, torch.float64):
+            return None
+        if not self.winograd_eligible(size, maps=len(weight_mods)):
+            return None
+        key = (weight_mods, dtype, "joint")
+        if key not in self._winograd_cache:
+            parts = [winograd.transform_filters(mod(self.weight).to(dtype)) for mod in weight_mods]
+            self._winograd_cache[key] = torch.cat(parts, dim=2)
+        return self._winograd_cache[key]
+
+
+def _fused_conv_relu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN can run the convolution and its ReLU as one kernel (CPU, float32 or bfloat16),
+    which saves a pass over the output; elsewhere the output is rectified in place."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype == x.dtype
+        and x.dim() == 4
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    )
 
 
 def _pad_adjoint(grad: torch.Tensor, shape: torch.Size, pads: tuple[int, ...], mode: str) -> torch.Tensor:

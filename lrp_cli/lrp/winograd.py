@@ -15,7 +15,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
 TILE = 4  # outputs per tile side
 SPAN = TILE + 2  # inputs per tile side for a 3x3 filter
@@ -52,7 +51,8 @@ MIN_SIZE = 2 * TILE
 
 
 def worthwhile(in_channels: int, out_channels: int, height: int, width: int) -> bool:
-    """Whether Winograd beats a direct convolution for these channel counts and this map size."""
+    """Whether Winograd beats a direct convolution for these channel counts and this map size
+    (``out_channels`` counts every map computed from the one input transform, see :func:`conv3x3`)."""
     return (
         min(in_channels, out_channels) >= MIN_CHANNELS
         and in_channels * out_channels >= MIN_CHANNEL_PRODUCT
@@ -87,27 +87,67 @@ def transform_filters(weight: torch.Tensor, *, transposed: bool = False) -> torc
     return matrices.to(weight.dtype).contiguous()  # the GEMMs copy every batch of a strided operand
 
 
-def conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.conv2d(x, w, bias, padding=1)`` for ``filters = transform_filters(w)``; channels-last output."""
+def _padded_channels_last(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``x`` zero-padded by one at the top and left and up to ``height`` x ``width``, as (N, H, W, C):
+    channels last, so tiles are strided views. Only the border is zeroed, not the whole buffer first."""
+    batch, channels, rows, cols = x.shape
+    padded = x.new_empty((batch, height, width, channels))
+    padded[:, 0].zero_()
+    padded[:, rows + 1 :].zero_()
+    padded[:, 1 : rows + 1, 0].zero_()
+    padded[:, 1 : rows + 1, cols + 1 :].zero_()
+    padded[:, 1 : rows + 1, 1 : cols + 1].copy_(x.permute(0, 2, 3, 1))
+    return padded
+
+
+# A^T's second column is all ones, so a constant at transform-domain position (1, 1) of every tile
+# comes out as that constant at each of the tile's outputs: biases are added to one of the 36 slices.
+_BIAS_SLOT = 1 * SPAN + 1
+
+
+def conv3x3(
+    x: torch.Tensor,
+    filters: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    splits: tuple[int, ...] | None = None,
+    *,
+    relu: bool = False,
+) -> torch.Tensor | list[torch.Tensor]:
+    """``F.conv2d(x, w, bias, padding=1)`` for ``filters = transform_filters(w)``; channels-last output.
+
+    With ``splits`` (output channel counts adding up to the filters'), the output comes back as that
+    many separate tensors: maps of one input with several filter sets (a layer's forward and a rule's
+    modified forward) share its padding, tiling and input transform, and run as one wider product.
+    ``relu`` rectifies the (first) output while it is copied out of the tiles.
+    """
     batch, channels, height, width = x.shape
     out_channels = filters.shape[2]
     rows, cols = -(-height // TILE), -(-width // TILE)
-    # pad by one for the convolution and up to whole tiles; channels last so tiles are strided views
-    padded = F.pad(x, (1, cols * TILE + 1 - width, 1, rows * TILE + 1 - height)).permute(0, 2, 3, 1)
-    padded = padded.contiguous()
+    padded = _padded_channels_last(x, rows * TILE + 2, cols * TILE + 2)
     s_batch, s_row, s_col, _ = padded.stride()
     tiles = padded.as_strided(
         (SPAN, SPAN, batch, rows, cols, channels), (s_row, s_col, s_batch, TILE * s_row, TILE * s_col, 1)
     ).reshape(SPAN * SPAN, -1)
+    del padded
     input_transform, output_transform = _matrices(x.dtype, x.device)
     transformed = torch.mm(input_transform, tiles).view(SPAN * SPAN, batch * rows * cols, channels)
+    del tiles
     products = torch.bmm(transformed, filters)
     del transformed
+    if bias is not None:
+        products[_BIAS_SLOT].add_(bias)
     out = torch.mm(output_transform, products.view(SPAN * SPAN, -1)).view(TILE, TILE, batch, rows, cols, -1)
     del products
-    out = out.permute(2, 3, 0, 4, 1, 5).reshape(batch, rows * TILE, cols * TILE, out_channels)
-    if rows * TILE != height or cols * TILE != width:
-        out = out[:, :height, :width].contiguous()
-    if bias is not None:
-        out.add_(bias)
-    return out.permute(0, 3, 1, 2)
+    parts, start = [], 0
+    for size in splits or (out_channels,):
+        tiled = out[..., start : start + size].permute(2, 3, 0, 4, 1, 5)
+        if relu and not parts:
+            part = torch.clamp(tiled, min=0, out=tiled.new_empty(tiled.shape))
+        else:
+            part = tiled.contiguous()
+        part = part.view(batch, rows * TILE, cols * TILE, size)
+        if rows * TILE != height or cols * TILE != width:
+            part = part[:, :height, :width].contiguous()
+        parts.append(part.permute(0, 3, 1, 2))
+        start += size
+    return parts if splits else parts[0]

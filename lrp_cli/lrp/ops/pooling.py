@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..rules import stabilize
 from .base import Op, share_by_contribution, vjp
 
 
@@ -52,19 +54,80 @@ class Pool(Op):
             mode = "average"
         if mode == "winner":
             return before + vjp(self.fn, [a], relevance.to(a.dtype)) + after
+        if mode == "average" and isinstance(self.average, WindowAverage) and self.average.tiles(a):
+            return [*before, self.average.share(a, relevance, ctx.stabilizer), *after]
         fn = (self.linear or self.fn) if mode == "proportional" else self.average
         z = output if mode == "proportional" else fn(a)
         return before + share_by_contribution(fn, [a], z, relevance, ctx.stabilizer) + after
 
 
-def pool_average_of(module_or_kwargs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+@dataclass(frozen=True)
+class WindowAverage:
+    """Average pooling over a max pool's windows, for the seed's 'max as average' option."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    ceil_mode: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(
+            x, self.kernel, self.stride, self.padding, self.ceil_mode, count_include_pad=False
+        )
+
+    def tiles(self, x: Any) -> bool:
+        """Whether the windows tile ``x`` exactly: no overlap, no padding, no rows or columns left out."""
+        return (
+            self.kernel == self.stride
+            and self.padding == (0, 0)
+            and len(x.shape) == 4
+            and x.shape[-2] % self.kernel[0] == 0
+            and x.shape[-1] % self.kernel[1] == 0
+        )
+
+    def share(self, a: torch.Tensor, relevance: torch.Tensor, eps: float) -> torch.Tensor:
+        """The epsilon rule through the average of windows that tile the map, in one pass over ``a``:
+        each input gets ``a * s / window`` of its window's ``s = R / stabilise(mean)``, which is what
+        the gradient route computes with a zero-filled scatter and a second product."""
+        dtype = relevance.dtype
+        n, c, h, w = a.shape
+        kh, kw = self.kernel
+        # window sums, so that s / window = R / (sum + window * eps) for non-negative maps (after ReLUs)
+        total = F.avg_pool2d(a, self.kernel, self.stride, divisor_override=1).to(dtype)
+        if bool(_memory_order(total).min() >= 0):
+            s = torch.div(relevance, total.add_(kh * kw * eps), out=total)
+        else:
+            s = relevance / stabilize(total / (kh * kw), eps) / (kh * kw)
+        # s is first spread along the rows' inner axes (a materialised 1/kh of the map), so the product
+        # broadcasts only over whole rows: long contiguous inner loops instead of one per window
+        if not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last):
+            s = s.permute(0, 2, 3, 1)[:, :, :, None].expand(n, h // kh, w // kw, kw, c)
+            rows = s.reshape(n, h // kh, 1, w * c)
+            share = a.permute(0, 2, 3, 1).reshape(n, h // kh, kh, w * c).to(dtype) * rows
+            return share.view(n, h, w, c).permute(0, 3, 1, 2)
+        rows = s[..., None].expand(n, c, h // kh, w // kw, kw).reshape(n, c, h // kh, 1, w)
+        return (a.contiguous().view(n, c, h // kh, kh, w).to(dtype) * rows).view(n, c, h, w)
+
+
+def pool_average_of(module_or_kwargs: dict[str, Any]) -> WindowAverage:
     """Average pooling over the same windows as a max pool, for the seed's 'max as average' option."""
     kwargs = dict(module_or_kwargs)
-    return lambda x: F.avg_pool2d(
-        x,
-        kwargs["kernel_size"],
-        kwargs.get("stride") or kwargs["kernel_size"],
-        kwargs.get("padding", 0),
-        kwargs.get("ceil_mode", False),
-        count_include_pad=False,
+    kernel = kwargs["kernel_size"]
+    return WindowAverage(
+        _pair(kernel),
+        _pair(kwargs.get("stride") or kernel),
+        _pair(kwargs.get("padding", 0)),
+        bool(kwargs.get("ceil_mode", False)),
     )
+
+
+def _memory_order(x: torch.Tensor) -> torch.Tensor:
+    """All entries as a 1-D view in memory order: reductions over a channels-last tensor's logical
+    order are many times slower than over its memory."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(-1)
+    return x.reshape(-1)
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))

@@ -24,6 +24,8 @@ class Weighted(Op):
         self.first = False  # consumes the model input directly
         self.folded = False  # a batch norm has been folded into its parameters
         self.reuses_output = False  # the rule's denominator is the forward output, kept (engine)
+        self.joint_term: Any = None  # the rule's one term the forward computes alongside (engine)
+        self.fused_relu = False  # the layer applies the ReLU that consumes its output (engine)
 
     @property
     def rule_name(self) -> str:  # type: ignore[override]
