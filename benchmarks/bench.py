@@ -12,8 +12,9 @@ included, so rule weights and Winograd filters count), sampled every 5 ms.
     python benchmarks/bench.py --skip-e2e      # engines only
 
 Peers: a plain forward pass (the reference: LRP needs about three forward-equivalents, so forward/3 is
-the bound for direct convolutions; Winograd's fewer multiplications let the engine pass it), Zennit's z+
-and Captum's LRP (``pip install -e ".[bench]"``).
+the bound for direct convolutions; Winograd's fewer multiplications let the engine pass it), Zennit's z+,
+the seed implementation's ``LRPModel`` (its algorithm rebuilt here from the blog post, see
+:func:`seed_lrpmodel`) and Captum's LRP (``pip install -e ".[bench]"``).
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ def measure_all(args: argparse.Namespace, names: list[str]) -> dict[str, tuple[f
 
 
 def engines(args: argparse.Namespace) -> dict[str, float]:
-    names = ["forward", "forward_cl", "ours", "ours_topk", "ours_direct", "ours_cold", "zennit", "captum"]
+    names = ["forward", "forward_cl", "ours", "ours_topk", "ours_direct", "ours_cold", "zennit", "seed_lrp"]
+    names += ["captum"]
     names += ["bf16"] if args.bf16 else []
     print(f"VGG16 {args.resolution}x{args.resolution}, batch {args.batch_size}, {args.threads} threads")
     figures = measure_all(args, names)
@@ -274,6 +276,7 @@ def engines(args: argparse.Namespace) -> dict[str, float]:
     print(
         f"  ours / Zennit z+          {ours / zennit:5.2f}x   (topk 0.05: {rate['ours_topk'] / zennit:5.2f}x)"
     )
+    print(f"  ours / seed's LRPModel    {ours / rate['seed_lrp']:5.2f}x")
     print(f"  ours / Captum LRP         {ours / rate['captum']:5.2f}x")
     print(f"  ours / (forward / 3)      {ours / (forward / 3):5.2f}")
     print(f"  topk 0.05 cost over 1.0   {(ours / rate['ours_topk'] - 1) * 100:+5.1f} %")

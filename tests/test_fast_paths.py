@@ -120,10 +120,17 @@ def test_dense_forward_by_the_transposed_product(bias):
     torch.testing.assert_close(layer.apply(tokens, weight, b), F.linear(tokens, weight, b))
 
 
-def test_conv_with_fused_relu_equals_conv_then_relu():
+@pytest.mark.parametrize(
+    ("stride", "padding", "dilation", "groups"), [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 2, 2), (2, 0, 1, 4)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_conv_with_fused_relu_equals_conv_then_relu(stride, padding, dilation, groups, dtype):
     torch.manual_seed(2)
-    weight, bias = torch.randn(6, 4, 3, 3), torch.randn(6)
-    layer = WeightedLayer("conv", weight, bias, padding=(1, 1))
-    for x in (torch.randn(2, 4, 9, 7), torch.randn(2, 4, 9, 7).contiguous(memory_format=torch.channels_last)):
-        expected = F.conv2d(x, weight, bias, padding=1).relu()
-        torch.testing.assert_close(layer.apply(x, weight, bias, relu=True), expected, rtol=1e-6, atol=1e-6)
+    weight, bias = torch.randn(8, 8 // groups, 3, 3, dtype=dtype), torch.randn(8, dtype=dtype)
+    layer = WeightedLayer(
+        "conv", weight, bias, (stride, stride), (padding, padding), (dilation, dilation), groups
+    )
+    x = torch.randn(2, 8, 22, 9, dtype=dtype)
+    for image in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, ::2]):
+        expected = F.conv2d(image, weight, bias, stride, padding, dilation, groups).relu()
+        torch.testing.assert_close(layer.apply(image, weight, bias, relu=True), expected)

@@ -208,11 +208,12 @@ class WeightedLayer:
 
 
 def _fused_conv_relu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN can run the convolution and its ReLU as one kernel (CPU, float32 or bfloat16),
-    which saves a pass over the output; elsewhere the output is rectified in place."""
+    """Whether oneDNN can run the convolution and its ReLU as one kernel (CPU, float32: every x86 CPU
+    oneDNN supports has float32 kernels, not all have bfloat16 ones), which saves a pass over the
+    output; elsewhere the output is rectified in place."""
     return (
         x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dtype == torch.float32
         and weight.dtype == x.dtype
         and x.dim() == 4
         and torch.backends.mkldnn.is_available()
