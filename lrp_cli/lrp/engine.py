@@ -338,6 +338,17 @@ class Explainer:
             self._joint_biases[key] = torch.cat([zeros if bias is None else bias, term_bias])
         return self._joint_biases[key]
 
+    def _stabilized_bias(
+        self, op: Weighted, term: Term, bias: torch.Tensor | None, epsilon: float
+    ) -> torch.Tensor:
+        """A term's bias plus the stabiliser, cached: the denominator comes out of the layer stabilised."""
+        key = (id(op), term, self._dtype, "stabilized")
+        if key not in self._joint_biases:
+            out_channels = op.layer.weight.shape[0]
+            zeros = torch.zeros(out_channels, dtype=self._dtype, device=op.layer.weight.device)
+            self._joint_biases[key] = (zeros if bias is None else bias) + epsilon
+        return self._joint_biases[key]
+
     def _keep(self, step: Step, env: dict[fx.Node, Any], value: Any) -> tuple[list[Any], Any]:
         """What ``propagate`` will need of this step: input values, input shapes and/or the output."""
         keeps = step.op.keeps
@@ -474,9 +485,14 @@ class Explainer:
             elif op.joint_term is not None and output is not None:  # computed with the forward
                 z = output.to(relevance.dtype)
                 state = "stabilized" if _positive_denominator(group, nonnegative) else "owned"
+            # a plain "+ epsilon" goes into the bias of the first term computed here (free in the kernel);
+            # not with several groups, whose unstabilised denominators decide the scales (alpha-beta)
+            fold, folded = len(groups) == 1 and _positive_denominator(group, nonnegative), False
             for term, inp, (weight, bias) in (
                 zip(terms, modified, params) if z is None and group.normalized else ()
             ):
+                if fold and not folded and term.sign == 1.0 and term.input not in CONSTANT_INPUTS:
+                    bias, folded = self._stabilized_bias(op, term, bias, rule.stabilizer), True
                 filters = layer.winograd_filters(term.weight, compute, size) if self.winograd else None
                 part, shared = self._term_output(op, term, inp, weight, bias, filters, relevance.dtype)
                 if z is None:
@@ -487,6 +503,8 @@ class Explainer:
                     z = z.add_(part)
                 else:
                     z = z + part  # two one-sample constants: still one sample, kept out of place
+            if folded and state == "owned":
+                state = "stabilized"
             plans.append((group, terms, modified, params, z, state))
         scales = self._group_scales(rule, [plan[0] for plan in plans], [plan[4] for plan in plans])
         result: torch.Tensor | None = None
@@ -536,7 +554,7 @@ class Explainer:
         whose input does not depend on the image (ones, box bounds) are the same for every sample: they
         are computed for one sample once per input shape and returned as that cached tensor, to be
         broadcast and never changed in place."""
-        constant = term.input in ("ones", "low", "high")
+        constant = term.input in CONSTANT_INPUTS
         if not constant:
             part = op.layer.apply(inp, weight, bias, filters).to(dtype)
             return (part if term.sign == 1.0 else part.mul_(term.sign)), False
@@ -600,6 +618,9 @@ def _forward_is_denominator(rule: Rule) -> bool:
         return False
     term = groups[0].terms[0]
     return term.input == "identity" and term.weight == KEEP and term.bias == KEEP and term.sign == 1.0
+
+
+CONSTANT_INPUTS = ("ones", "low", "high")  # term inputs that do not depend on the image
 
 
 def _joint_term(rule: Rule, nonnegative_input: bool) -> Term | None:
