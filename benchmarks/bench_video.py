@@ -4,20 +4,22 @@ A clip is generated here (``--width`` x ``--height``, ``--frames`` frames at 25 
 square and a drifting gradient over a textured background). In one process, with one engine (the
 embedded EfficientNet-Lite0, ``epsilon-plus-flat``, 224x224, batch ``--batch-size``, CPU):
 
-- **engine only**: the clip's frames decoded and resized beforehand, then every batch through the
-  engine (``HalvingExplainer``, as ``lrp-heatmap video`` calls it), relevance handed back as numpy;
-- **end to end**: ``lrp_cli.video.explain_video`` on the file: decoding, resizing, the engine, the
-  overlay at the source's size, H.264 encoding, the per-frame JSONL and the atomic renames.
+- **engine only**: the clip's frames decoded, resized and normalised beforehand, then every batch
+  through the engine (``HalvingExplainer``, as ``lrp-heatmap video`` calls it), relevance handed back as
+  numpy;
+- **end to end**: ``lrp_cli.video.explain_video`` on the file: decoding, resizing, normalising, the
+  engine, the overlay at the source's size, H.264 encoding, the per-frame JSONL and the atomic renames
+  (on the CPU the engine's batches and this work take turns, each with every core).
 
 The two alternate over ``--rounds`` rounds after one warm-up each; figures are medians, and the ratio
 is taken within each round (the machine's speed drifts over minutes) and its median reported. Besides
 wall time, the process's CPU time (all threads) per frame is reported: on a machine loaded by other jobs
 the scheduler shares the cores out per thread, so the end-to-end run (more threads) gets more of them and
 the wall-time ratio flatters it; the CPU-time ratio (engine CPU over end-to-end CPU) is what the extra
-work costs, and what the wall-time ratio comes to on a quiet machine whose cores the engine keeps busy
-(the other threads then only take their share of the same cores).
+work costs, and on a quiet machine the wall-time ratio comes close to it (a little below: the video work
+between the engine's batches does not keep both cores quite as busy as the engine does).
 
-    python benchmarks/bench_video.py | tee docs/benchmark-video-cpu.txt
+    python benchmarks/bench_video.py --rounds 5    # output and notes: docs/benchmark-video-cpu.txt
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def main() -> None:
         item = ImageItem(clip, Path("clip"))
         with av.open(str(clip)) as container:
             decoded = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
-        pixels = torch.stack([frames.pixels(f) for f in decoded])
+        pixels = frames.pixels(np.stack([frames.resized(f) for f in decoded]))
         batches = list(pixels.split(args.batch_size))
         engine_only(frames, batches[:1])
         end_to_end(frames, item, Path(folder) / "out")

@@ -1,14 +1,14 @@
 """Decoded RGB frames through the engine: relevance, classes and pictures per frame.
 
 The reusable part of the video path: ``video`` and ``run`` feed it decoded video frames, ``serve`` and
-``live`` browser and camera frames. Resizing, normalisation and drawing are ``run``'s, so a frame is
-explained and drawn exactly as the same picture saved as a photo would be.
+``live`` browser and camera frames. Resizing and normalisation are ``run``'s, so a frame is explained
+exactly as the same picture saved as a photo would be; its overlay is the plain blend of the map (no
+dot-grid taps or smoothing, which ``run``'s pictures add), cheap enough to keep pace with the engine.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -58,25 +58,29 @@ class FrameExplainer:
         self.mean = torch.tensor(loaded.mean, dtype=torch.float32).reshape(3, 1, 1)
         self.std = torch.tensor(loaded.std, dtype=torch.float32).reshape(3, 1, 1)
 
-    def pixels(self, frame: np.ndarray) -> torch.Tensor:
-        """One frame as the model's normalised (3, R, R) input, resized exactly as ``run`` resizes photos."""
+    def resized(self, frame: np.ndarray) -> np.ndarray:
+        """One frame at the model's input size (uint8 R x R x 3), resized exactly as ``run`` resizes photos."""
         config = self.config
         image = prepare(
             Image.fromarray(frame), config.resolution, config.resize, self.loaded.interpolation or "bicubic"
         )
-        tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        return np.asarray(image, dtype=np.uint8)
+
+    def pixels(self, resized: np.ndarray) -> torch.Tensor:
+        """A stack of :meth:`resized` frames (N x R x R x 3) as the model's normalised (N, 3, R, R) input,
+        by ``run``'s arithmetic. Called on the engine's thread: torch on another thread starts a second
+        OpenMP team whose spinning threads take cores from the engine's."""
+        tensor = torch.from_numpy(resized).permute(0, 3, 1, 2).float() / 255.0
         return (tensor - self.mean) / self.std
 
-    def explain(self, frames: Sequence[np.ndarray], pixels: torch.Tensor | None = None) -> list[FrameResult]:
-        """Explain a batch of frames (``pixels``: their :meth:`pixels`, if already made)."""
-        if pixels is None:
-            pixels = torch.stack([self.pixels(frame) for frame in frames])
-        relevance, logits, targets = self.engine(pixels.to(self.device, non_blocking=True))
+    def explain(self, resized: np.ndarray) -> list[FrameResult]:
+        """Explain a batch of :meth:`resized` frames (N x R x R x 3)."""
+        relevance, logits, targets = self.engine(self.pixels(resized).to(self.device, non_blocking=True))
         probabilities = logits.softmax(dim=1).cpu()
         top = probabilities.argmax(dim=1)
         maps = relevance.sum(axis=1)
         results = []
-        for row in range(len(pixels)):
+        for row in range(len(resized)):
             explained = int(targets[row])
             shown = explained if explained >= 0 else int(top[row])
             label = self.loaded.label(shown)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from fractions import Fraction
@@ -37,11 +37,12 @@ class Clip:
     height: int
     rate: Fraction
     count: int | None  # frames in the file, where the container says
-    frames: Iterator[tuple[int, float, np.ndarray]]
+    frames: Generator[tuple[int, float, np.ndarray], None, None]  # close() releases the file early
 
 
-def open_clip(path: Path, max_pixels: int) -> Clip:
-    """Open a video (PyAV) or an animated GIF/WebP (Pillow); VideoError says why a file cannot be read."""
+def open_clip(path: Path, max_pixels: int, threads: int = 0) -> Clip:
+    """Open a video (PyAV) or an animated GIF/WebP (Pillow); VideoError says why a file cannot be read.
+    ``threads``: the decoder's threads (0: FFmpeg's choice, frame-parallel where the codec allows)."""
     if path.is_dir():
         raise VideoError("is a folder, not a video file")
     try:
@@ -49,13 +50,13 @@ def open_clip(path: Path, max_pixels: int) -> Clip:
             raise VideoError("empty file")
     except OSError as error:
         raise VideoError(f"cannot read file: {error.strerror}") from None
-    clip = _pillow_clip(path) if path.suffix.lower() in ANIMATED_EXTENSIONS else _av_clip(path)
+    clip = _pillow_clip(path) if path.suffix.lower() in ANIMATED_EXTENSIONS else _av_clip(path, threads)
     if clip.width * clip.height > max_pixels:
         raise VideoError(f"{clip.width}x{clip.height} frames are over the max_pixels limit of {max_pixels}")
     return clip
 
 
-def _av_clip(path: Path) -> Clip:
+def _av_clip(path: Path, threads: int) -> Clip:
     import av
 
     try:
@@ -76,11 +77,14 @@ def _av_clip(path: Path) -> Clip:
         raise VideoError(
             f"unsupported video stream (codec {stream.codec.name if stream.codec else 'unknown'})"
         )
-    stream.thread_type = "AUTO"  # frame-parallel decoding where the codec allows it
+    if threads:
+        context.thread_count = threads
+    else:
+        stream.thread_type = "AUTO"  # frame-parallel decoding where the codec allows it
     rate = stream.average_rate or stream.guessed_rate or Fraction(25)
     width, height = context.width, context.height
 
-    def frames() -> Iterator[tuple[int, float, np.ndarray]]:
+    def frames() -> Generator[tuple[int, float, np.ndarray], None, None]:
         index, start = 0, None
         try:
             for frame in container.decode(stream):
@@ -112,7 +116,7 @@ def _pillow_clip(path: Path) -> Clip:
     durations = [d if d >= MIN_FRAME_MS else 100 for d in durations]
     rate = Fraction(1000 * count, sum(durations)).limit_denominator(1000)
 
-    def frames() -> Iterator[tuple[int, float, np.ndarray]]:
+    def frames() -> Generator[tuple[int, float, np.ndarray], None, None]:
         elapsed = 0
         with image:
             for index, duration in enumerate(durations):
@@ -151,9 +155,10 @@ def subsample(
 
 class Encoder:
     """H.264 in MP4 to a hidden temporary file, renamed into place by :meth:`finish` (whole or absent).
-    4:2:0 chroma needs even sizes: an odd width or height loses its last column or row."""
+    4:2:0 chroma needs even sizes: an odd width or height loses its last column or row. ``threads``: libx264's
+    (0: its choice, frames encoded in the background; 1: each frame encoded within :meth:`write`)."""
 
-    def __init__(self, path: Path, width: int, height: int, rate: Fraction) -> None:
+    def __init__(self, path: Path, width: int, height: int, rate: Fraction, threads: int = 0) -> None:
         import av
 
         self.path = path
@@ -166,6 +171,8 @@ class Encoder:
         self.container = av.open(self.temporary, "w", format="mp4")
         self.stream = self.container.add_stream("libx264", rate=rate, options=ENCODER_OPTIONS)
         self.stream.width, self.stream.height, self.stream.pix_fmt = self.width, self.height, "yuv420p"
+        if threads:
+            self.stream.codec_context.thread_count = threads
         self.count = 0
 
     def write(self, rgb: np.ndarray) -> None:

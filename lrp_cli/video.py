@@ -1,7 +1,7 @@
 """Video files and animated GIF/WebP through the engine: decode, batch, explain, render, encode.
 
-Decoding (``media``), the engine (``frames.FrameExplainer``) and drawing plus encoding run in three
-threads, each a batch or two ahead of the next, so end to end a video costs about what the engine costs.
+Decoding (``media``), the engine (``frames.FrameExplainer``), drawing and encoding run on four threads
+(``_run_frames``): on the CPU the engine's batches alternate with the video work, elsewhere they overlap.
 Video files ``run`` finds take the same path (``split_media``, ``explain_videos``).
 """
 
@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import sys
-import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import suppress
 from dataclasses import dataclass
 from fractions import Fraction
+from itertools import islice
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .config import Config
@@ -66,57 +63,58 @@ def video_paths(out_dir: Path, item: ImageItem, options: VideoOptions) -> dict[s
     return paths
 
 
-_DONE = object()
+Frame = tuple[int, float, np.ndarray]  # index in the source, seconds from the first frame, RGB
 
 
-def _prefetch(source: Iterable[Any], depth: int) -> Iterator[Any]:
-    """Iterate ``source`` in a thread, up to ``depth`` items ahead; its exceptions surface here."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+def _run_frames(
+    frames: Iterator[Frame],
+    explainer: FrameExplainer,
+    draw: Callable[[np.ndarray, FrameResult], list[np.ndarray]],
+    write: Callable[[Frame, FrameResult, list[np.ndarray]], None],
+    overlap: bool,
+) -> None:
+    """Decode (one task a batch), resize and draw (one task a frame) on two worker threads, explain on this
+    one and ``write`` in order on a fourth. ``overlap``: keep the engine busy while a batch or two is
+    decoded and drawn (an accelerator's engine leaves the CPU free); without it the engine's batches and
+    the video work alternate, each with the whole CPU: torch's OpenMP threads spin at every barrier, so a
+    thread that takes a core from them costs the engine more than its own time."""
+    size = explainer.config.batch_size
 
-    def produce() -> None:
-        try:
-            for item in source:
-                while not stop.is_set():
-                    with suppress(queue.Full):
-                        items.put((True, item), timeout=0.1)
-                        break
-                if stop.is_set():
-                    return
-            items.put((True, _DONE))
-        except BaseException as error:  # handed to the consumer, which raises it
-            items.put((False, error))
+    def prepare() -> tuple[list[Frame], list[Future]]:
+        batch, resizing = [], []
+        for entry in islice(frames, size):  # decoding is sequential; resizing is not
+            batch.append(entry)
+            resizing.append(workers.submit(explainer.resized, entry[2]))
+        return batch, resizing
 
-    thread = threading.Thread(target=produce, name="lrp-video-decoder", daemon=True)
-    thread.start()
+    def write_batch(batch: list[Frame], results: list[FrameResult], drawn: list[Future]) -> None:
+        for entry, result, pictures in zip(batch, results, drawn):
+            write(entry, result, pictures.result())
+
+    workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lrp-video")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrp-video-encoder")
+    written: deque[Future] = deque()
     try:
+        upcoming = workers.submit(prepare)
         while True:
-            ok, item = items.get()
-            if not ok:
-                raise item
-            if item is _DONE:
-                return
-            yield item
+            batch, resizing = upcoming.result()
+            if not batch:
+                break
+            resized = np.stack([future.result() for future in resizing])
+            if overlap:
+                upcoming = workers.submit(prepare)
+            results = explainer.explain(resized)
+            if not overlap:
+                upcoming = workers.submit(prepare)
+            drawn = [workers.submit(draw, frame, result) for (_, _, frame), result in zip(batch, results)]
+            written.append(writer.submit(write_batch, batch, results, drawn))
+            while written and (not overlap or len(written) > 2 or written[0].done()):
+                written.popleft().result()
+        while written:
+            written.popleft().result()
     finally:
-        stop.set()
-        with suppress(queue.Empty):
-            while True:
-                items.get_nowait()
-        thread.join(timeout=5)
-
-
-def _batches(
-    frames: Iterable[tuple[int, float, np.ndarray]], size: int, explainer: FrameExplainer
-) -> Iterator[tuple[list[tuple[int, float, np.ndarray]], torch.Tensor]]:
-    """Frames grouped by ``size`` with their model inputs (made in the decoding thread)."""
-    batch: list[tuple[int, float, np.ndarray]] = []
-    for entry in frames:
-        batch.append(entry)
-        if len(batch) == size:
-            yield batch, torch.stack([explainer.pixels(f) for _, _, f in batch])
-            batch = []
-    if batch:
-        yield batch, torch.stack([explainer.pixels(f) for _, _, f in batch])
+        writer.shutdown(cancel_futures=True)
+        workers.shutdown(cancel_futures=True)
 
 
 def explain_video(
@@ -129,39 +127,36 @@ def explain_video(
     paths = video_paths(out_dir, item, options)
     encoders: list[Encoder] = []
     try:
-        clip = open_clip(item.path, config.max_pixels)
+        overlap = explainer.device.type != "cpu"
+        codec_threads = 0 if overlap else 1  # on the CPU the codecs work only in their turn (_run_frames)
+        clip = open_clip(item.path, config.max_pixels, codec_threads)
         frames, rate = subsample(clip.frames, clip.rate, options.every, options.fps)
-        encoders.append(Encoder(paths["overlay_video"], clip.width, clip.height, rate))
+        size = (clip.width, clip.height)
+        encoders.append(Encoder(paths["overlay_video"], *size, rate, codec_threads))
         if options.heatmap_video:
-            encoders.append(Encoder(paths["heatmap_video"], clip.width, clip.height, rate))
+            encoders.append(Encoder(paths["heatmap_video"], *size, rate, codec_threads))
         lines: list[str] = []
         seen: list[tuple[int, float, int, int | str]] = []  # class, probability, predicted, target per frame
         bar = _bar(clip, options, item, err)
 
-        def render(batch: list[tuple[int, float, np.ndarray]], results: list[FrameResult]) -> None:
-            for (index, seconds, frame), result in zip(batch, results):
-                encoders[0].write(explainer.overlay(frame, result))
-                if options.heatmap_video:
-                    encoders[1].write(explainer.heatmap(result, (clip.width, clip.height)))
-                lines.append(json.dumps(_frame_record(index, seconds, result), ensure_ascii=False))
-                seen.append((result.class_index, result.probability, result.predicted_index, result.target))
-            if bar is not None:
-                bar.update(len(batch))
+        def draw(frame: np.ndarray, result: FrameResult) -> list[np.ndarray]:
+            overlay = explainer.overlay(frame, result)
+            return [overlay, explainer.heatmap(result, size)] if options.heatmap_video else [overlay]
 
-        pending: deque[Future] = deque()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrp-video-encoder") as pool:
-            try:
-                for batch, pixels in _prefetch(_batches(frames, config.batch_size, explainer), depth=2):
-                    pending.append(pool.submit(render, batch, explainer.explain([], pixels)))
-                    while len(pending) > 2 or (pending and pending[0].done()):
-                        pending.popleft().result()
-                while pending:
-                    pending.popleft().result()
-            finally:
-                for future in pending:
-                    future.cancel()
-                if bar is not None:
-                    bar.close()
+        def write(entry: Frame, result: FrameResult, pictures: list[np.ndarray]) -> None:
+            for encoder, picture in zip(encoders, pictures):
+                encoder.write(picture)
+            lines.append(json.dumps(_frame_record(entry[0], entry[1], result), ensure_ascii=False))
+            seen.append((result.class_index, result.probability, result.predicted_index, result.target))
+            if bar is not None:
+                bar.update(1)
+
+        try:
+            _run_frames(frames, explainer, draw, write, overlap)
+        finally:
+            clip.frames.close()
+            if bar is not None:
+                bar.close()
         for encoder in encoders:
             encoder.finish()
         atomic_write(paths["frames"], "".join(line + "\n" for line in lines).encode("utf-8"))

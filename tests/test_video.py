@@ -17,9 +17,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lrp_cli.cli import app
+from lrp_cli.config import Config
+from lrp_cli.frames import FrameExplainer
 from lrp_cli.lrp import explain
-from lrp_cli.media import subsample
+from lrp_cli.media import open_clip, subsample
 from lrp_cli.models import load_model
+from lrp_cli.pipeline import prepare_engine
+from lrp_cli.video import _run_frames
 
 WIDTH, HEIGHT, FRAMES, RATE = 64, 48, 15, Fraction(12)
 FAST = ("--resolution", "32", "--batch-size", "8")  # video decodes in-process: no --workers there
@@ -222,3 +226,29 @@ def test_run_hands_videos_to_the_same_path_and_names_animated_gifs(media, tmp_pa
     assert records["clip.mp4"]["kind"] == "video" and records["clip.mp4"]["frames"] == FRAMES
     assert set(records["anim.gif"]["outputs"]) >= {"heatmap", "overlay"}
     assert len(read_video(out / "clip.overlay.mp4")[0]) == FRAMES
+
+
+def test_both_schedules_write_every_frame_once_in_order(media):
+    """The CPU's schedule (engine and video work take turns) and an accelerator's (they overlap, a batch or
+    two apart) hand ``write`` the same frames, in the source's order, each with its own picture and the
+    same answers."""
+    config = Config(device="cpu", resolution=32, batch_size=4, workers=0)
+    loaded = load_model(config.model)
+    device, engine = prepare_engine(config, loaded)
+    explainer = FrameExplainer(config, loaded, engine, device)
+
+    def schedule(overlap: bool) -> list[tuple[int, int, float, bool]]:
+        rows = []
+
+        def write(entry, result, pictures) -> None:
+            own = np.array_equal(pictures[0], entry[2][:, ::-1])
+            rows.append((entry[0], result.class_index, result.relevance_sum, own))
+
+        clip = open_clip(media / "clip.mp4", config.max_pixels, threads=0 if overlap else 1)
+        _run_frames(clip.frames, explainer, lambda frame, result: [frame[:, ::-1]], write, overlap)
+        return rows
+
+    taking_turns = schedule(False)
+    assert [row[0] for row in taking_turns] == list(range(FRAMES))  # batches of 4, 4, 4 and 3
+    assert all(row[3] for row in taking_turns)
+    assert schedule(True) == taking_turns
