@@ -1,7 +1,7 @@
 """Decoded RGB frames through the engine: relevance, classes and pictures per frame.
 
-The reusable part of the video path: ``video`` and ``run`` feed it decoded video frames, ``serve`` and
-``live`` browser and camera frames. Resizing and normalisation are ``run``'s, so a frame is explained
+The reusable part of the video path: ``video`` and ``run`` feed it decoded video frames (``serve`` and
+``live`` explain one picture at a time through ``serve.engine``). Resizing and normalisation are ``run``'s, so a frame is explained
 exactly as the same picture saved as a photo would be; its overlay is the plain blend of the map (no
 dot-grid taps or smoothing, which ``run``'s pictures add), cheap enough to keep pace with the engine.
 """
