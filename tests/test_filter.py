@@ -4,6 +4,7 @@ shown batched and free of host reads (checked on the CPU, and with CUDA's sync g
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -33,6 +34,11 @@ def _reference(r: torch.Tensor, fraction: float, renormalize: bool = False) -> t
     return kept.reshape(r.shape)
 
 
+def _stride(numel: int) -> int:
+    """The filter's sampling stride for rows of ``numel`` entries."""
+    return filter_module._prime_at_least(max(filter_module.MIN_STRIDE, numel // filter_module.SAMPLE_SIZE))
+
+
 def _case(name: str, batch: int, dtype: torch.dtype, channels: int = 8, side: int = 24) -> torch.Tensor:
     """A batch of (batch, channels, side, side) maps; by default rows of 4608 entries."""
     g = torch.Generator().manual_seed(batch)
@@ -56,11 +62,15 @@ def _case(name: str, batch: int, dtype: torch.dtype, channels: int = 8, side: in
     elif name == "sample overshoots":  # every sampled entry is huge: the bound is useless, full selection
         r = torch.rand(shape, generator=g)
         rows = r.permute(0, 2, 3, 1).reshape(batch, -1)
-        stride = filter_module._prime_at_least(
-            max(filter_module.MIN_STRIDE, rows.shape[1] // filter_module.SAMPLE_SIZE)
-        )
-        rows[:, ::stride] += 10.0
+        rows[:, :: _stride(rows.shape[1])] += 10.0
         r = rows.reshape(batch, side, side, channels).permute(0, 3, 1, 2).contiguous()
+    elif name == "sample overshoots, tied":  # every sampled entry the same large value: counted, sorted
+        r = torch.rand(shape, generator=g)
+        rows = r.permute(0, 2, 3, 1).reshape(batch, -1)
+        rows[:, :: _stride(rows.shape[1])] = 10.0
+        r = rows.reshape(batch, side, side, channels).permute(0, 3, 1, 2).contiguous()
+    elif name == "minus infinity":  # the k-th largest is -inf: nothing lies below it
+        r = torch.rand(shape, generator=g).masked_fill(torch.rand(shape, generator=g) < 0.999, -math.inf)
     elif name == "small rows":  # below EXACT_BELOW: one selection over the whole row
         r = torch.randn(batch, 3, 5, 7, generator=g)
     elif name == "single element":
@@ -79,6 +89,8 @@ CASES = (
     "all negative",
     "skewed channels",
     "sample overshoots",
+    "sample overshoots, tied",
+    "minus infinity",
     "small rows",
     "single element",
 )
@@ -102,14 +114,61 @@ def test_filter_matches_kthvalue_reference(case, batch, layout, dtype, path):
     torch.testing.assert_close(r, original, rtol=0, atol=0)  # not in place: the input is untouched
 
 
-@pytest.mark.parametrize("case", ["random", "mostly zeros", "skewed channels", "sample overshoots"])
+LONG_ROW_CASES = (  # every way a long row's threshold is settled (rows longer than EXACT_BELOW)
+    "random",  # entries above the bound gathered and selected among
+    "skewed channels",
+    "mostly zeros",  # the bound, tied at 0, is the answer; the negatives below it go
+    "mostly zeros, none negative",  # the bound is the answer and nothing lies below it
+    "integer ties",  # a tied bound with k or more entries above it: those are gathered
+    "sample overshoots",  # fewer than k entries reach the bound: the row is sorted
+    "sample overshoots, tied",  # the same with a tied bound, found by counting
+    "minus infinity",
+)
+
+
+@pytest.mark.parametrize("case", LONG_ROW_CASES)
 def test_rows_of_an_engine_layer_match_reference(case):
-    """(2, 64, 56, 56) channels-last maps, VGG16's conv2 at 112x112: 200 704 entries a row."""
+    """(2, 64, 56, 56) channels-last maps, VGG16's conv2 at 112x112: 200 704 entries a row, two of the
+    filter's blocks."""
     r = _case(case, 2, torch.float32, channels=64, side=56).contiguous(memory_format=torch.channels_last)
+    assert r[0].numel() > filter_module.BLOCK
     for fraction in (0.01, 0.05, 0.2):
         for batched in PATHS.values():
             got = relevance_filter(r, fraction, batched=batched)
             torch.testing.assert_close(got, _reference(r, fraction), rtol=0, atol=0)
+
+
+def test_long_rows_of_any_length_and_stride():
+    """Long rows are gathered eight neighbours at a time where the row allows it: a row whose length is
+    not a multiple of eight (its last block entry by entry) and a strided row (all of it) give the
+    same result."""
+    g = torch.Generator().manual_seed(7)
+    odd = torch.randn(2, 3, 257, 257, generator=g).relu()
+    assert odd[0].numel() % 8 and odd[0].numel() > filter_module.BLOCK
+    strided = torch.randn(2, 8, 160, 320, generator=g).relu()[..., ::2]
+    assert strided.reshape(2, -1).stride() == (strided.stride(0), 2)
+    for r in (odd, strided):
+        for fraction in (0.01, 0.05):
+            expected = _reference(r, fraction)
+            torch.testing.assert_close(relevance_filter(r, fraction), expected, rtol=0, atol=0)
+            assert relevance_filter(r, fraction, in_place=True) is r
+            torch.testing.assert_close(r, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_shared_out_over_threads_match_reference(dtype, monkeypatch):
+    """Every layer handed to two threads, which take the rows one at a time: the result is the same."""
+    monkeypatch.setattr(filter_module, "PARALLEL_FROM", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for case in LONG_ROW_CASES:
+            r = _case(case, 5, DTYPES[dtype], channels=64, side=24)
+            for fraction in (0.01, 0.05):
+                got = relevance_filter(r, fraction)
+                torch.testing.assert_close(got, _reference(r, fraction), rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("path", PATHS)

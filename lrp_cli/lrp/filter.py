@@ -5,13 +5,14 @@ One function, two ways to the same exact per-sample threshold, chosen by device:
 - **batched** (GPUs and other accelerators): one top-k selection over all samples at once, one
   comparison and one masked fill. The number of kernels per layer does not depend on the batch size,
   and no value is ever read back to the host, so the filter never makes the host wait for the device.
-- **sampled** (CPU): per sample, a strided sample bounds the k-th largest value from below, one read
-  of the row gathers the few entries above the bound to select among, and one branch-free pass zeroes
-  the rest; the samples are shared out over as many threads as torch uses. It runs on numpy views of
-  the tensor: on the CPU numpy's compress, count and introselect are several times faster than torch's
-  nonzero/index, bool reductions and topk on rows like these (torch's per-sample calls also pay a
-  thread-pool barrier each), and reading a number back costs nothing. ``benchmarks/bench_filter.py``
-  measures what the filter costs inside the engine.
+- **sampled** (CPU): a strided sample of every row bounds its k-th largest value from below, one read
+  of the row settles it (the few entries above the bound are gathered and selected among, or, when
+  the bound is a value most of the row shares, such as the zeros after ReLUs, they are only counted),
+  and one ``torch.threshold_`` per row zeroes the rest. The selection runs on numpy views: on the CPU
+  numpy's compare, compress, count and introselect are several times faster than torch's
+  nonzero/index, bool reductions and topk on rows like these, and reading a number back costs
+  nothing. The zeroing is torch's: one vectorised pass on all of torch's threads, where numpy would
+  take two. ``benchmarks/bench_filter.py`` measures what the filter costs inside the engine.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ import torch
 SAMPLE_SIZE = 16384  # entries per sample used to bound the threshold
 MIN_STRIDE = 61  # sample at most every 61st entry: the sample touches a quarter of the row's cache lines
 EXACT_BELOW = 16384  # shorter rows are sorted whole: cheap, and robust to ties
-PARALLEL_FROM = 1 << 20  # smaller batches run on one thread: starting another costs more than it saves
-BLOCK = 1 << 16  # entries per block of a pass: a block and its mask stay in a core's L2 cache
-SHARED_DTYPES = (torch.float32, torch.float64)  # numpy views them in place; others are selected in float32
+PARALLEL_FROM = 1 << 22  # smaller layers are selected on one thread: a second one costs more than it saves
+BLOCK = 1 << 17  # entries per block of a pass: a block and its mask stay in a core's L2 cache
 
 
 def kept_count(numel: int, fraction: float) -> int:
@@ -84,89 +84,124 @@ def _filter_batched(flat: torch.Tensor, k: int) -> None:
 
 
 def _filter_sampled(flat: torch.Tensor, k: int) -> None:
-    """Row by row on numpy views, the rows shared out over as many threads as torch uses (numpy
-    releases the interpreter lock while it works)."""
-    rows = list(flat.detach())
-    workers = min(len(rows), torch.get_num_threads(), 1 + flat.numel() // PARALLEL_FROM)
-    if workers == 1:
-        _filter_rows(rows, k)
-        return
-    with ThreadPoolExecutor(workers - 1) as pool:
-        others = [pool.submit(_filter_rows, rows[i::workers], k) for i in range(1, workers)]
-        _filter_rows(rows[::workers], k)
-        for other in others:
-            other.result()
+    """Thresholds selected on numpy views of the rows (low precision in a float32 copy: every value
+    converts back unchanged), then zeroed below in the rows' own dtype."""
+    rows = flat.detach()
+    values = rows.numpy() if rows.dtype in (torch.float32, torch.float64) else rows.float().numpy()
+    numel = values.shape[1]
+    if numel <= EXACT_BELOW:  # sorting, unlike introselect, is not slowed down by ties
+        kths: list[np.floating | None] = list(np.sort(values, axis=1)[:, numel - k])
+    else:
+        kths = _select(values, k)
+    _zero_below(rows, kths)
 
 
-def _filter_rows(rows: list[torch.Tensor], k: int) -> None:
-    """Low-precision rows are selected among in float32 (exactly: every value converts back
-    unchanged) and zeroed in their own dtype."""
-    for row in rows:
-        shared = row.dtype in SHARED_DTYPES
-        values = row.numpy() if shared else row.float().numpy()
-        kth = _kth_largest(values, k)
-        if kth is None:
-            continue
-        if shared:
-            _zero_below(values, kth)
-        else:
-            row.masked_fill_(row < float(kth), 0)
-
-
-def _kth_largest(row: np.ndarray, k: int) -> np.floating | None:
-    """The k-th largest entry of a row, exactly; None when no entry lies below it (nothing to zero).
-
-    A strided sample gives a bound, four standard deviations below the k-th largest value's expected
-    place in it. If at least k entries reach the bound, the k-th largest is among those few (a few %
-    more than k) and one selection over them is exact; otherwise the sample overshot and the whole row
-    is selected over. A bound that repeats in the sample may be a value shared by most of the row
-    (the zeros after ReLUs and earlier filtering): then only the entries above it are gathered and
-    those equal to it counted; if fewer than k lie above but at least k reach it, it is the answer.
-    """
-    numel = row.size
-    if numel <= EXACT_BELOW:
-        return np.sort(row)[numel - k]  # sorting, unlike introselect, is not slowed down by ties
-    sample = np.sort(row[:: _prime_at_least(max(MIN_STRIDE, numel // SAMPLE_SIZE))])
-    size = sample.size
+def _select(values: np.ndarray, k: int) -> list[np.floating | None]:
+    """Every row's k-th largest value, from bounds that one sample of all rows gives at once. Rows are
+    handed out one at a time to as many threads as torch uses (numpy releases the interpreter lock
+    while it works), so a thread that starts late takes fewer."""
+    numel = values.shape[1]
+    stride = _prime_at_least(max(MIN_STRIDE, numel // SAMPLE_SIZE))
+    sample = np.sort(torch.from_numpy(values[:, ::stride]).contiguous().numpy(), axis=1)
+    size = sample.shape[1]
     expected = k / numel * size  # the k-th largest's rank in the sample, give or take sqrt(expected)
     rank = min(size, int(expected + 4.0 * math.sqrt(expected)) + 16)
-    bound = sample[size - rank]  # the sample's rank-th largest
-    tied = np.count_nonzero(sample == bound) > 1
-    above, ties = _gather(row, bound, tied)
-    if above.size >= k:
-        return np.partition(above, above.size - k)[above.size - k]
-    if above.size + ties >= k:
-        return bound if above.size + ties < numel else None
-    return np.sort(row)[numel - k]
+    bounds = sample[:, size - rank]  # each sample's rank-th largest
+    tied = np.count_nonzero(sample == bounds[:, None], axis=1) > 1
+    kths: list[np.floating | None] = [None] * len(values)
+    order = iter(range(len(values)))
+
+    def work() -> None:
+        for i in order:
+            kths[i] = _kth_largest(values[i], k, bounds[i], bool(tied[i]))
+
+    workers = min(len(values), torch.get_num_threads()) if values.size >= PARALLEL_FROM else 1
+    if workers == 1:
+        work()
+        return kths
+    with ThreadPoolExecutor(workers - 1) as pool:
+        others = [pool.submit(work) for _ in range(workers - 1)]
+        work()
+        for other in others:
+            other.result()
+    return kths
 
 
-def _gather(row: np.ndarray, bound: np.floating, tied: bool) -> tuple[np.ndarray, int]:
-    """The entries that reach ``bound`` and 0, or with ``tied`` those above it and how many equal it.
-    The row is read from memory once: block by block, each block compared again while it is still in
-    the core's cache."""
-    parts = []
-    ties = 0
+def _kth_largest(row: np.ndarray, k: int, bound: np.floating, tied: bool) -> np.floating | None:
+    """The k-th largest entry of a row, exactly; None when no entry lies below it (nothing to zero).
+
+    ``bound`` lies four standard deviations below the k-th largest value's expected place in the
+    row's sample. If at least k entries reach it, the k-th largest is among those few (a few % more
+    than k) and one selection over them is exact; otherwise the sample overshot and the whole row is
+    sorted. A bound that repeats in the sample (``tied``) may be a value most of the row shares (the
+    zeros after ReLUs and earlier filtering): the row is first only counted, and if fewer than k
+    entries lie above the bound but at least k reach it, it is the answer, with nothing gathered.
+    """
+    numel = row.size
+    if tied:
+        above, below = _count(row, bound)
+        if above < k:
+            if numel - below >= k:
+                return bound if below else None
+            return np.sort(row)[numel - k]
+        values = _gather(row, bound, np.greater)
+    else:
+        values = _gather(row, bound, np.greater_equal)
+        if values.size < k:
+            return np.sort(row)[numel - k]
+    return np.partition(values, values.size - k)[values.size - k]
+
+
+def _count(row: np.ndarray, bound: np.floating) -> tuple[int, int]:
+    """How many entries lie above ``bound`` and how many below it, in one read of the row: block by
+    block, each block compared again while it is still in the core's cache (and only counted below
+    when its minimum is: mostly nothing lies below a tied bound)."""
+    above = below = 0
     mask = np.empty(min(BLOCK, row.size), dtype=bool)
-    compare = np.greater if tied else np.greater_equal
+    for start in range(0, row.size, BLOCK):
+        block = row[start : start + BLOCK]
+        hits = mask[: block.size]
+        above += int(np.count_nonzero(np.greater(block, bound, out=hits)))
+        if block.min() < bound:
+            below += int(np.count_nonzero(np.less(block, bound, out=hits)))
+    return above, below
+
+
+def _gather(row: np.ndarray, bound: np.floating, compare: np.ufunc) -> np.ndarray:
+    """The entries for which ``compare(entry, bound)`` holds, in one read of the row, block by block.
+    numpy's compress costs per entry it keeps, wherever they lie: the entries are first taken in
+    groups of eight neighbours (one uint64 of the mask) with at least one among them, then sifted."""
+    parts = []
+    mask = np.empty(min(BLOCK, row.size), dtype=bool)
+    grouped = row.flags.c_contiguous  # a strided row cannot be viewed as groups
     for start in range(0, row.size, BLOCK):
         block = row[start : start + BLOCK]
         hits = mask[: block.size]
         compare(block, bound, out=hits)
-        parts.append(np.compress(hits, block))
-        if tied:
-            ties += int(np.count_nonzero(np.equal(block, bound, out=hits)))
-    return np.concatenate(parts), ties
+        if grouped and block.size % 8 == 0:
+            groups = np.compress(hits.view(np.uint64) != 0, block.view(f"V{8 * block.itemsize}"))
+            candidates = groups.view(block.dtype)
+            parts.append(np.compress(compare(candidates, bound), candidates))
+        else:
+            parts.append(np.compress(hits, block))
+    return np.concatenate(parts)
 
 
-def _zero_below(row: np.ndarray, kth: np.floating) -> None:
-    """Zero the entries below ``kth``, block by block and without branches: the bit patterns are
-    multiplied by 0 or 1, so what goes becomes +0.0 exactly, whatever it was."""
-    keep = np.empty(min(BLOCK, row.size), dtype=bool)
-    bits = row.view(np.int32 if row.itemsize == 4 else np.int64)
-    for start in range(0, row.size, BLOCK):
-        block = bits[start : start + BLOCK]
-        np.greater_equal(row[start : start + BLOCK], kth, out=keep[: block.size])
-        np.multiply(block, keep[: block.size], out=block)
+def _zero_below(rows: torch.Tensor, kths: list[np.floating | None]) -> None:
+    """Zero the entries below each row's k-th largest value, in place and in the rows' own dtype.
+    ``threshold_`` zeroes what is at most its threshold (as +0.0, whatever it was): given the largest
+    value of the dtype below the k-th largest, that is exactly what lies below it. A k-th largest of
+    -inf has nothing below it."""
+    todo = [i for i, kth in enumerate(kths) if kth is not None and kth > -math.inf]
+    if not todo:
+        return
+    if rows.dtype in (torch.float32, torch.float64):  # the k-th largest values are of the rows' dtype
+        below = np.nextafter(np.array([kths[i] for i in todo]), -np.inf).tolist()
+    else:  # selected in float32, stepped down in the rows' dtype (numpy has no bfloat16)
+        kth_t = torch.tensor([float(kths[i]) for i in todo], dtype=rows.dtype)
+        below = torch.nextafter(kth_t, torch.full_like(kth_t, -math.inf)).tolist()
+    for i, threshold in zip(todo, below):
+        torch.threshold_(rows[i], threshold, 0.0)
 
 
 def _prime_at_least(n: int) -> int:
