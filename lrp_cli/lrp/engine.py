@@ -141,7 +141,7 @@ class Explainer:
         self._last_use = self._last_forward_use()
         self._constant_terms: dict[tuple, torch.Tensor] = {}
         self._constant_inputs: dict[tuple, torch.Tensor] = {}
-        self._joint_biases: dict[tuple, torch.Tensor] = {}
+        self._derived_biases: dict[tuple, torch.Tensor] = {}  # joint and stabilised
         self.observer: Callable[[Step, Any, list[Any]], None] | None = None  # sees every step's split
         self._block = False  # a module traced per input shape, inside another program
 
@@ -325,29 +325,36 @@ class Explainer:
 
     def _joint_bias(self, op: Weighted) -> torch.Tensor:
         """The layer's bias next to the rule term's (plus the stabiliser where it is a plain ``+ eps``)."""
-        key = (id(op), self._dtype)
-        if key not in self._joint_biases:
+        key = (id(op), self._dtype, "joint")
+        if key not in self._derived_biases:
             term, rule = op.joint_term, op.rule
-            out_channels = op.layer.weight.shape[0]
-            zeros = torch.zeros(out_channels, dtype=self._dtype, device=op.layer.weight.device)
             _, bias = op.layer.params(KEEP, KEEP, self._dtype, self._memory_format)
             _, term_bias = op.layer.params(term.weight, term.bias, self._dtype, self._memory_format)
-            term_bias = zeros if term_bias is None else term_bias
-            if _positive_denominator(rule.groups()[0], self._nonnegative_input[id(op)]):
-                term_bias = term_bias + rule.stabilizer
-            self._joint_biases[key] = torch.cat([zeros if bias is None else bias, term_bias])
-        return self._joint_biases[key]
+            positive = _positive_denominator(rule.groups()[0], self._nonnegative_input[id(op)])
+            self._derived_biases[key] = torch.cat(
+                [
+                    self._bias_plus(op, bias, 0.0),
+                    self._bias_plus(op, term_bias, rule.stabilizer if positive else 0.0),
+                ]
+            )
+        return self._derived_biases[key]
 
     def _stabilized_bias(
         self, op: Weighted, term: Term, bias: torch.Tensor | None, epsilon: float
     ) -> torch.Tensor:
         """A term's bias plus the stabiliser, cached: the denominator comes out of the layer stabilised."""
         key = (id(op), term, self._dtype, "stabilized")
-        if key not in self._joint_biases:
-            out_channels = op.layer.weight.shape[0]
-            zeros = torch.zeros(out_channels, dtype=self._dtype, device=op.layer.weight.device)
-            self._joint_biases[key] = (zeros if bias is None else bias) + epsilon
-        return self._joint_biases[key]
+        if key not in self._derived_biases:
+            self._derived_biases[key] = self._bias_plus(op, bias, epsilon)
+        return self._derived_biases[key]
+
+    def _bias_plus(self, op: Weighted, bias: torch.Tensor | None, epsilon: float) -> torch.Tensor:
+        """``bias + epsilon`` per output channel, zeros standing in for a layer without bias."""
+        if bias is None:
+            return torch.full(
+                (op.layer.weight.shape[0],), epsilon, dtype=self._dtype, device=op.layer.weight.device
+            )
+        return bias + epsilon if epsilon else bias
 
     def _keep(self, step: Step, env: dict[fx.Node, Any], value: Any) -> tuple[list[Any], Any]:
         """What ``propagate`` will need of this step: input values, input shapes and/or the output."""
@@ -454,7 +461,7 @@ class Explainer:
         child._assign_rules()
         child._fused_relus = child._fuse_relus()
         child._last_use = child._last_forward_use()
-        child._constant_terms, child._constant_inputs, child._joint_biases = {}, {}, {}
+        child._constant_terms, child._constant_inputs, child._derived_biases = {}, {}, {}
         child._check_supported()
         return child
 
@@ -513,9 +520,10 @@ class Explainer:
                 s = relevance
             elif state == "stabilized":
                 s = torch.div(relevance, z, out=z)
-            elif _positive_denominator(group, nonnegative):
-                s = torch.div(relevance, z.add_(rule.stabilizer), out=z) if state == "owned" else None
-                s = relevance / (z + rule.stabilizer) if s is None else s
+            elif _positive_denominator(group, nonnegative) and state == "owned":
+                s = torch.div(relevance, z.add_(rule.stabilizer), out=z)
+            elif _positive_denominator(group, nonnegative):  # a shared one-sample constant: out of place
+                s = relevance / (z + rule.stabilizer)
             else:
                 s = relevance / stabilize(z, rule.stabilizer)
             if not isinstance(scale, float) or scale != 1.0:

@@ -57,7 +57,7 @@ def relevance_filter(
         return relevance
     if not in_place:
         relevance = relevance.clone(memory_format=torch.preserve_format)
-    flat = _rows(relevance)
+    flat = sample_rows(relevance)
     k = kept_count(flat.shape[1], fraction)
     if k >= flat.shape[1]:
         return relevance
@@ -213,9 +213,10 @@ def _prime_at_least(n: int) -> int:
     return candidate
 
 
-def _rows(tensor: torch.Tensor) -> torch.Tensor:
-    """One row per sample, as a view whenever the memory layout allows (channels-last included): the
-    filter does not care about the order of entries within a sample."""
+def sample_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """One row per sample, as a view whenever the memory layout allows (channels-last included), for
+    work that does not care about the order of entries within a sample (the filter, reductions: over
+    a channels-last tensor's logical order they are many times slower than over its memory)."""
     if tensor.is_contiguous():
         return tensor.view(tensor.shape[0], -1)
     if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):

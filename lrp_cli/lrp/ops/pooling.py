@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..filter import sample_rows
 from ..rules import stabilize
 from .base import Op, share_by_contribution, vjp
 
@@ -94,7 +95,7 @@ class WindowAverage:
         kh, kw = self.kernel
         # window sums, so that s / window = R / (sum + window * eps) for non-negative maps (after ReLUs)
         total = F.avg_pool2d(a, self.kernel, self.stride, divisor_override=1).to(dtype)
-        if bool(_memory_order(total).min() >= 0):
+        if bool(sample_rows(total).min() >= 0):
             s = torch.div(relevance, total.add_(kh * kw * eps), out=total)
         else:
             s = relevance / stabilize(total / (kh * kw), eps) / (kh * kw)
@@ -119,14 +120,6 @@ def pool_average_of(module_or_kwargs: dict[str, Any]) -> WindowAverage:
         _pair(kwargs.get("padding", 0)),
         bool(kwargs.get("ceil_mode", False)),
     )
-
-
-def _memory_order(x: torch.Tensor) -> torch.Tensor:
-    """All entries as a 1-D view in memory order: reductions over a channels-last tensor's logical
-    order are many times slower than over its memory."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x.permute(0, 2, 3, 1).reshape(-1)
-    return x.reshape(-1)
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
