@@ -390,11 +390,7 @@ def _run_locked(
         video.explain_videos(videos, frames, out_dir, options, reporter.record, err)
     except KeyboardInterrupt:
         _finish(pending, drain)
-        err.write(
-            f"lrp-heatmap: interrupted after {reporter.succeeded} image(s); finished outputs are complete, "
-            "run again with --resume to continue\n"
-        )
-        return EXIT_INTERRUPTED
+        return interrupted(err, reporter.succeeded, "image")
     except StdoutClosed:
         _finish(pending, drain)
         _silence_stdout()
@@ -435,6 +431,15 @@ def _finish(pending: deque[Future], drain: Callable[[int], None]) -> None:
     while pending:  # if stdout closes meanwhile, the rest still goes to the manifest
         with suppress(StdoutClosed):
             drain(0)
+
+
+def interrupted(err: TextIO, succeeded: int, noun: str) -> int:
+    """Say after Ctrl-C what is finished and how to go on; the exit code of an interrupted job."""
+    err.write(
+        f"lrp-heatmap: interrupted after {succeeded} {noun}(s); finished outputs are complete, "
+        "run again with --resume to continue\n"
+    )
+    return EXIT_INTERRUPTED
 
 
 def _silence_stdout() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import Config
 from .data import ImageItem
-from .errors import EXIT_BROKEN_PIPE, EXIT_FAILED_INPUTS, EXIT_INTERRUPTED, EXIT_OK, RunError
+from .errors import EXIT_BROKEN_PIPE, EXIT_FAILED_INPUTS, EXIT_OK, RunError
 from .lock import FolderLock
 from .manifest import MANIFEST, ManifestState, ManifestWriter, read_manifest
 
@@ -184,7 +184,7 @@ def _drive(
     from .distributed import adopt_rank_manifests, write_job_report
     from .models import load_model
     from .outputs import failure_record
-    from .pipeline import Reporter, StdoutClosed, _silence_stdout, prepare_engine
+    from .pipeline import Reporter, StdoutClosed, _silence_stdout, interrupted, prepare_engine
     from .video import split_media
 
     err = sys.stderr
@@ -221,11 +221,7 @@ def _drive(
             for record in _records(explain(dataset_of(usable), config, out_dir)):
                 reporter.record(record)
     except KeyboardInterrupt:
-        err.write(
-            f"lrp-heatmap: interrupted after {reporter.succeeded} image(s); finished outputs are complete, "
-            "run again with --resume to continue\n"
-        )
-        return EXIT_INTERRUPTED
+        return interrupted(err, reporter.succeeded, "image")
     except StdoutClosed:
         _silence_stdout()
         return EXIT_BROKEN_PIPE

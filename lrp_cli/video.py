@@ -25,14 +25,14 @@ from PIL import Image
 
 from .config import Config
 from .data import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ImageItem, discover
-from .errors import EXIT_BROKEN_PIPE, EXIT_FAILED_INPUTS, EXIT_INTERRUPTED, EXIT_OK, RunError, disk_failure
+from .errors import EXIT_BROKEN_PIPE, EXIT_FAILED_INPUTS, EXIT_OK, RunError, disk_failure
 from .frames import FrameExplainer, FrameResult
 from .lock import FolderLock
 from .manifest import MANIFEST, ManifestWriter, add_paths, read_manifest
 from .media import ANIMATED_EXTENSIONS, Clip, Encoder, VideoError, open_clip, subsample
 from .models import load_model
 from .outputs import failure_record, take_over_folder
-from .pipeline import Reporter, StdoutClosed, _silence_stdout, prepare_engine, resolve_device
+from .pipeline import Reporter, StdoutClosed, _silence_stdout, interrupted, prepare_engine, resolve_device
 from .render import atomic_write
 
 RUN_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
@@ -309,11 +309,7 @@ def run_videos(
         try:
             explain_videos(todo, frames, out_dir, options, reporter.record, err)
         except KeyboardInterrupt:
-            err.write(
-                f"lrp-heatmap: interrupted after {reporter.succeeded} video(s); finished outputs are "
-                "complete, run again with --resume to continue\n"
-            )
-            return EXIT_INTERRUPTED
+            return interrupted(err, reporter.succeeded, "video")
         except StdoutClosed:
             _silence_stdout()
             return EXIT_BROKEN_PIPE
