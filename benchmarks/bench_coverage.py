@@ -5,9 +5,9 @@ A model counts as explained when the engine's logits equal ``model(x)`` to 1e-4 
 relevance is finite. Each model runs in a fresh process with a time limit, so one slow or broken model
 cannot take the sweep down.
 
-    python benchmarks/coverage.py                       # both sweeps -> docs/coverage-cpu.md
-    python benchmarks/coverage.py --only timm --limit 5  # a quick look
-    python benchmarks/coverage.py --records run1.log     # go on after an interrupted sweep
+    python benchmarks/bench_coverage.py                       # both sweeps -> docs/coverage-cpu.md
+    python benchmarks/bench_coverage.py --only timm --limit 5  # a quick look
+    python benchmarks/bench_coverage.py --records run1.log     # go on after an interrupted sweep
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def _load_records(paths: list[Path]) -> dict[str, dict]:
 def report(sweeps: dict[str, list[dict]], timeout: float) -> str:
     lines = ["# Model coverage (CPU, random initialisation, batch 2, composite `auto`)", ""]
     lines += [
-        f"Command: `python benchmarks/coverage.py`; each model in a fresh process, {timeout:.0f} s limit.",
+        f"Command: `python benchmarks/bench_coverage.py`; each model in a fresh process, {timeout:.0f} s limit.",
         "",
     ]
     for sweep, records in sweeps.items():
