@@ -5,8 +5,9 @@ Every method runs alone in a fresh process (no heap, cache or thread-pool state 
 another method), with the allocator settings ``lrp-heatmap`` uses (``retain_freed_memory``); the
 methods are interleaved over ``--rounds`` passes, so a machine whose speed drifts over minutes treats
 them alike. A figure is the median over every round's ``--repeats`` timed runs, each round after
-``--warmups`` untimed calls (the heap takes a few calls to reach its steady size); peak memory is the resident-set growth from after the model is built to the end (warm-up
-included, so rule weights and Winograd filters count), sampled every 5 ms.
+``--warmups`` untimed calls (the heap takes a few calls to reach its steady size); peak memory is the
+resident-set growth from after the model is built to the end (warm-up included, so rule weights and
+Winograd filters count), sampled every 5 ms.
 
     python benchmarks/bench.py                 # everything (about 15 minutes on 2 CPU cores)
     python benchmarks/bench.py --skip-e2e      # engines only
@@ -261,8 +262,8 @@ def measure_all(args: argparse.Namespace, names: list[str]) -> dict[str, tuple[f
 
 
 def engines(args: argparse.Namespace) -> dict[str, float]:
-    names = ["forward", "forward_cl", "ours", "ours_topk", "ours_direct", "ours_cold", "zennit", "seed_lrp"]
-    names += ["captum"]
+    names = ["forward", "forward_cl", "ours", "ours_topk", "ours_direct", "ours_cold"]
+    names += ["zennit", "seed_lrp", "captum"]  # the peers
     names += ["bf16"] if args.bf16 else []
     print(f"VGG16 {args.resolution}x{args.resolution}, batch {args.batch_size}, {args.threads} threads")
     figures = measure_all(args, names)

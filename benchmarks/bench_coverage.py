@@ -163,7 +163,8 @@ def _load_records(paths: list[Path]) -> dict[str, dict]:
 def report(sweeps: dict[str, list[dict]], timeout: float) -> str:
     lines = ["# Model coverage (CPU, random initialisation, batch 2, composite `auto`)", ""]
     lines += [
-        f"Command: `python benchmarks/bench_coverage.py`; each model in a fresh process, {timeout:.0f} s limit.",
+        f"Command: `python benchmarks/bench_coverage.py`; each model in a fresh process, "
+        f"{timeout:.0f} s limit.",
         "",
     ]
     for sweep, records in sweeps.items():

@@ -1,9 +1,10 @@
 """Decoded RGB frames through the engine: relevance, classes and pictures per frame.
 
-The reusable part of the video path: ``video`` and ``run`` feed it decoded video frames (``serve`` and
-``live`` explain one picture at a time through ``serve.engine``). Resizing and normalisation are ``run``'s, so a frame is explained
-exactly as the same picture saved as a photo would be; its overlay is the plain blend of the map (no
-dot-grid taps or smoothing, which ``run``'s pictures add), cheap enough to keep pace with the engine.
+The reusable part of the video path: ``video`` and ``run`` feed it decoded video frames (``serve``
+and ``live`` explain one picture at a time through ``serve.engine``). Resizing and normalisation are
+``run``'s, so a frame is explained exactly as the same picture saved as a photo would be; its overlay
+is the plain blend of the map (no dot-grid taps or smoothing, which ``run``'s pictures add), cheap
+enough to keep pace with the engine.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class FrameExplainer:
         self.std = torch.tensor(loaded.std, dtype=torch.float32).reshape(3, 1, 1)
 
     def resized(self, frame: np.ndarray) -> np.ndarray:
-        """One frame at the model's input size (uint8 R x R x 3), resized exactly as ``run`` resizes photos."""
+        """One frame at the model's input size (uint8 R x R x 3), resized as ``run`` resizes photos."""
         config = self.config
         image = prepare(
             Image.fromarray(frame), config.resolution, config.resize, self.loaded.interpolation or "bicubic"

@@ -169,6 +169,11 @@ class WeightedLayer:
             and winograd.worthwhile(in_channels, maps * out_channels, *size)
         )
 
+    def _winograd_applies(self, dtype: torch.dtype, size: tuple[int, int], maps: int = 1) -> bool:
+        """Whether Winograd filters are made at all: an eligible layer, computing in float32 or float64
+        (lower precisions take the direct convolution)."""
+        return dtype in (torch.float32, torch.float64) and self.winograd_eligible(size, maps)
+
     def winograd_filters(
         self,
         weight_mod: Callable[[torch.Tensor], torch.Tensor],
@@ -179,7 +184,7 @@ class WeightedLayer:
     ) -> torch.Tensor | None:
         """Transform-domain filters of the modified weight for :meth:`apply` (or, ``transposed``, for
         :meth:`transpose`) on maps of ``size``, cached; None where layer, size or dtype do not qualify."""
-        if dtype not in (torch.float32, torch.float64) or not self.winograd_eligible(size):
+        if not self._winograd_applies(dtype, size):
             return None
         key = (weight_mod, dtype, transposed)
         if key not in self._winograd_cache:
@@ -196,9 +201,7 @@ class WeightedLayer:
         """Transform-domain filters of several modified weights side by side, for one
         :func:`~.winograd.conv3x3` call with ``splits`` (a forward and a rule's modified forward of the
         same input), cached; None where layer, size or dtype do not qualify."""
-        if dtype not in (torch.float32, torch.float64):
-            return None
-        if not self.winograd_eligible(size, maps=len(weight_mods)):
+        if not self._winograd_applies(dtype, size, maps=len(weight_mods)):
             return None
         key = (weight_mods, dtype, "joint")
         if key not in self._winograd_cache:
