@@ -6,7 +6,7 @@ same process, alternating call by call over ``--rounds`` rounds (this machine's 
 
 - **added**: how much longer the filtered pass takes, t(0.05) / t(1.0) - 1 within each round (the
   two calls back to back, in alternating order), median over the rounds;
-- **in the filter**: the time spent inside ``relevance_filter`` calls over the filtered pass's time,
+- **in the filter**: the time spent inside the engine's filter calls over the filtered pass's time,
   timed call by call (far less noisy than a difference of two passes), also split by the family of
   the layer the relevance enters (conv, linear, pool); median over the rounds.
 
@@ -61,16 +61,16 @@ def family(step: Any) -> str:
 
 
 class FilterClock:
-    """Times every ``relevance_filter`` call the engine makes and books it to the layer family of the
+    """Times every ``filter_with_support`` call the engine makes and books it to the layer family of the
     step that called it (the engine's observer sees that step right after its filter call)."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.pending: list[Any] = []
         self.calls: list[tuple[str, Any]] = []
-        self.inner = engine_module.relevance_filter
+        self.inner = engine_module.filter_with_support
 
-    def filter(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def filter(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -115,7 +115,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
     filtered = Explainer(model, "seed", args.topk, **options)
     clock = FilterClock(device)
     filtered.observer = clock.observe
-    engine_module.relevance_filter = clock.filter
+    engine_module.filter_with_support = clock.filter
     try:
         timed(lambda: plain(x), device)
         timed(lambda: filtered(x), device)
@@ -133,7 +133,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
             for key in ("conv", "linear", "pool"):
                 shares[key].append(booked.get(key, 0.0) / filtered_times[-1])
     finally:
-        engine_module.relevance_filter = clock.inner
+        engine_module.filter_with_support = clock.inner
     return {
         "plain": statistics.median(plain_times),
         "filtered": statistics.median(filtered_times),

@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lrp_cli.lrp import Explainer, relevance_filter
 from lrp_cli.lrp import engine as engine_module
 from lrp_cli.lrp import filter as filter_module
+from lrp_cli.lrp.filter import filter_with_support
 
 FRACTIONS = (0.01, 0.05, 0.3, 0.999)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,6 +70,18 @@ def _case(name: str, batch: int, dtype: torch.dtype, channels: int = 8, side: in
         rows = r.permute(0, 2, 3, 1).reshape(batch, -1)
         rows[:, :: _stride(rows.shape[1])] = 10.0
         r = rows.reshape(batch, side, side, channels).permute(0, 3, 1, 2).contiguous()
+    elif name == "sample sees only zeros":  # every sampled entry zero, the rest positive: counted, gathered
+        r = torch.rand(shape, generator=g)
+        rows = r.permute(0, 2, 3, 1).reshape(batch, -1)
+        rows[:, :: _stride(rows.shape[1])] = 0.0
+        r = rows.reshape(batch, side, side, channels).permute(0, 3, 1, 2).contiguous()
+    elif name == "confined":  # relevance on the object, zeros around it: long stretches of zeros
+        r = torch.zeros(shape)
+        for i in range(batch):
+            top, left = (5 * i) % (side // 2), (3 * i) % (side // 2)
+            patch = r[i, :, top : top + side // 3, left : left + side // 3]
+            patch.copy_(torch.randn(patch.shape, generator=g))
+        r[:, :, -1, -1] = 1e-3  # a lone entry far from the object
     elif name == "minus infinity":  # the k-th largest is -inf: nothing lies below it
         r = torch.rand(shape, generator=g).masked_fill(torch.rand(shape, generator=g) < 0.999, -math.inf)
     elif name == "small rows":  # below EXACT_BELOW: one selection over the whole row
@@ -122,6 +135,8 @@ LONG_ROW_CASES = (  # every way a long row's threshold is settled (rows longer t
     "integer ties",  # a tied bound with k or more entries above it: those are gathered
     "sample overshoots",  # fewer than k entries reach the bound: the row is sorted
     "sample overshoots, tied",  # the same with a tied bound, found by counting
+    "sample sees only zeros",  # a tied bound the sample says is the answer: counted, then gathered
+    "confined",  # blocks of zeros: nothing gathered there, and nothing zeroed
     "minus infinity",
 )
 
@@ -136,6 +151,22 @@ def test_rows_of_an_engine_layer_match_reference(case):
         for batched in PATHS.values():
             got = relevance_filter(r, fraction, batched=batched)
             torch.testing.assert_close(got, _reference(r, fraction), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", LONG_ROW_CASES)
+def test_rows_of_many_blocks_match_reference(case, layout, dtype, monkeypatch):
+    """Blocks of 512 entries, so every row runs through dozens of them: blocks without hits after
+    blocks with hits and the reverse, blocks of zeros that are neither gathered nor zeroed, and spans
+    of blocks joined for the zeroing."""
+    monkeypatch.setattr(filter_module, "BLOCK", 512)
+    r = _case(case, 3, DTYPES[dtype], channels=16, side=48)
+    if layout == "channels_last":
+        r = r.contiguous(memory_format=torch.channels_last)
+    for fraction in (0.01, 0.05, 0.2):
+        got = relevance_filter(r, fraction)
+        torch.testing.assert_close(got, _reference(r, fraction), rtol=0, atol=0)
 
 
 def test_long_rows_of_any_length_and_stride():
@@ -153,22 +184,6 @@ def test_long_rows_of_any_length_and_stride():
             torch.testing.assert_close(relevance_filter(r, fraction), expected, rtol=0, atol=0)
             assert relevance_filter(r, fraction, in_place=True) is r
             torch.testing.assert_close(r, expected, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rows_shared_out_over_threads_match_reference(dtype, monkeypatch):
-    """Every layer handed to two threads, which take the rows one at a time: the result is the same."""
-    monkeypatch.setattr(filter_module, "PARALLEL_FROM", 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for case in LONG_ROW_CASES:
-            r = _case(case, 5, DTYPES[dtype], channels=64, side=24)
-            for fraction in (0.01, 0.05):
-                got = relevance_filter(r, fraction)
-                torch.testing.assert_close(got, _reference(r, fraction), rtol=0, atol=0)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -301,18 +316,20 @@ def vgg():
 
 def test_engine_backward_with_the_batched_filter_is_sync_free_and_identical(vgg, monkeypatch):
     """A filtered backward pass with the filter forced onto the accelerator path: every filter call is
-    free of host reads, and the heatmap is exactly the CPU path's."""
+    free of host reads, and the heatmap is exactly the CPU path's (which skips the filters that the
+    support shows would change nothing)."""
     model, x = vgg
     expected = Explainer(model, "seed", 0.05, renormalize=True)(x).relevance
     calls = []
 
     def recorded(relevance, *args, **kwargs):
         with _Recorder() as recorder:
-            out = relevance_filter(relevance, *args, batched=True, **kwargs)
+            out = filter_with_support(relevance, *args, batched=True, **kwargs)
         calls.append(recorder.ops)
+        assert out[1] is None  # the batched path reads nothing back, so it cannot tell support
         return out
 
-    monkeypatch.setattr(engine_module, "relevance_filter", recorded)
+    monkeypatch.setattr(engine_module, "filter_with_support", recorded)
     explainer = Explainer(model, "seed", 0.05, renormalize=True)
     got = explainer(x).relevance
     assert len(calls) == sum(step.op.filtered for step in explainer.program.steps) > 10
@@ -331,12 +348,110 @@ def test_filtered_backward_never_syncs_on_cuda(vgg, monkeypatch, batch):
     def guarded(*args, **kwargs):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return relevance_filter(*args, **kwargs)
+            return filter_with_support(*args, **kwargs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
             calls.append(True)
 
-    monkeypatch.setattr(engine_module, "relevance_filter", guarded)
+    monkeypatch.setattr(engine_module, "filter_with_support", guarded)
     relevance = explainer(x).relevance
     assert len(calls) == sum(step.op.filtered for step in explainer.program.steps)
     assert torch.isfinite(relevance).all() and (relevance != 0).any()
+
+
+# --- support: what the filter tells the engine, and what it is told ---------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_support_counts_the_nonzeros_kept(case, dtype):
+    """Per sample, the support is the exact number of nonzero entries kept, or None exactly where a
+    kept entry is negative; long rows (the sampled selection) and short ones (sorted) alike. A sample
+    too small to filter is not read, so its support stays unknown."""
+    for channels, side in ((8, 24), (64, 56)):
+        r = _case(case, 3, DTYPES[dtype], channels=channels, side=side)
+        for fraction in (0.01, 0.05, 0.3):
+            got, support = filter_with_support(r, fraction)
+            torch.testing.assert_close(got, _reference(r, fraction), rtol=0, atol=0)
+            rows = got.reshape(len(got), -1)
+            if support is None:  # nothing to filter, so nothing read
+                assert filter_module.kept_count(rows.shape[1], fraction) >= rows.shape[1]
+                continue
+            assert [None if (row < 0).any() else int(row.count_nonzero()) for row in rows] == list(support)
+
+
+def test_rows_the_support_shows_unchanged_are_left_unread():
+    """A sample whose support is at most k is returned as it is, unread: a false support, trusted,
+    leaves a dense sample unfiltered, which shows nothing looked at it. Other samples are filtered."""
+    r = _case("random", 4, torch.float32, channels=64, side=56)
+    k = filter_module.kept_count(r[0].numel(), 0.05)
+    out, support = filter_with_support(r, 0.05, support=(k, k, k, k))
+    assert out is r and support == (k, k, k, k)
+    got, support = filter_with_support(r.clone(), 0.05, in_place=True, support=(1, None, k + 1, 0))
+    expected = _reference(r, 0.05)
+    torch.testing.assert_close(got[[0, 3]], r[[0, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(got[[1, 2]], expected[[1, 2]], rtol=0, atol=0)
+    assert support[0] == 1 and support[3] == 0
+    # the batched path reads nothing back: it neither trusts nor reports support
+    got, support = filter_with_support(r, 0.05, batched=True, support=(1, 1, 1, 1))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert support is None
+
+
+def test_renormalized_support_is_unknown_where_the_total_was_negative():
+    """Rescaled to a negative total, the kept (positive) entries turn negative: no support."""
+    r = torch.full((2, 1000), -1.0)
+    r[:, :10] = 2.0
+    r[1] = r[1].abs()
+    got, support = filter_with_support(r, 0.01, renormalize=True)
+    assert (got[0, :10] < 0).all() and support[0] is None
+    assert support[1] == 10 and (got[1] >= 0).all()
+
+
+class _Fork(torch.nn.Module):
+    """One activation pooled twice, each pool feeding its own convolution: the relevance of both pools
+    meets at the activation, so supports are added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.pool_a, self.pool_b = torch.nn.MaxPool2d(2), torch.nn.MaxPool2d(2)
+        self.conv_a = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.conv_b = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.head = torch.nn.Linear(2 * 16 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        a, b = torch.relu(self.conv_a(self.pool_a(x))), torch.relu(self.conv_b(self.pool_b(x)))
+        return self.head(torch.cat([a.flatten(1), b.flatten(1)], dim=1))
+
+
+@pytest.mark.parametrize("composite", ["seed", "epsilon", "alpha2-beta1"])
+@pytest.mark.parametrize("model_name", ["vgg11", "fork"])
+def test_engine_support_is_a_true_bound_and_skipping_changes_nothing(vgg, model_name, composite, monkeypatch):
+    """Every support the engine hands the filter bounds the sample's nonzero entries, none of them
+    negative (carried past ReLUs and max pools, as themselves or as window averages, and added where
+    relevance meets); the heatmap is exactly the one filtered without support; and in VGG the
+    convolution after each pool is skipped (winner-takes-all pools, and the seed's window averages)."""
+    torch.manual_seed(0)
+    model, x = vgg if model_name == "vgg11" else (_Fork().eval(), torch.randn(2, 3, 16, 16))
+    inner = filter_module.filter_with_support
+    skipped = []
+
+    def checked(relevance, fraction, *args, support=None, **kwargs):
+        if support is not None:
+            k = filter_module.kept_count(relevance[0].numel(), fraction)
+            for row, bound in zip(relevance.reshape(len(relevance), -1), support):
+                assert bound is None or ((row >= 0).all() and int(row.count_nonzero()) <= bound)
+            skipped.append(all(bound is not None and bound <= k for bound in support))
+        return inner(relevance, fraction, *args, support=support, **kwargs)
+
+    monkeypatch.setattr(
+        engine_module, "filter_with_support", lambda *a, **kw: inner(*a, **{**kw, "support": None})
+    )
+    expected = Explainer(model, composite, 0.05)(x).relevance
+    monkeypatch.setattr(engine_module, "filter_with_support", checked)
+    got = Explainer(model, composite, 0.05)(x).relevance
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert len(skipped) == (5 if model_name == "vgg11" else 1)  # where support reached a filter
+    assert sum(skipped) == (5 if model_name == "vgg11" else (1 if composite != "seed" else 0))

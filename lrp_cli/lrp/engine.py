@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from .composites import Composite, get_composite, resolve_composite
-from .filter import relevance_filter
+from .filter import Support, filter_with_support
 from .graph import Program, Step, build_program
 from .ops import Constant, Passthrough, ShapeOf, Subprogram, UnsupportedOperationError, Weighted
 from .patterns import Patterns, bind_patterns
@@ -67,6 +67,16 @@ def _add(a: Any, b: Any) -> Any:
     if isinstance(a, tuple):
         return tuple(_add(x, y) for x, y in zip(a, b))
     return a + b
+
+
+def _per_sample(part: Any, support: Support) -> bool:
+    """Whether a support can describe ``part``: a tensor with one sample per known support."""
+    return isinstance(part, torch.Tensor) and part.dim() > 0 and len(part) == len(support)
+
+
+def _add_supports(a: Support, b: Support) -> Support:
+    """Relevance arriving from several users adds up; non-negative maps' nonzero counts at most do."""
+    return tuple(None if x is None or y is None else x + y for x, y in zip(a, b))
 
 
 def _is_tensors(value: Any) -> bool:
@@ -408,29 +418,47 @@ class Explainer:
             program.output_node.args[0]: start.clone() if self.topk < 1.0 else start
         }
         trace: dict[str, torch.Tensor] = {"output": start} if self.trace_enabled else {}
+        support: dict[fx.Node, Support] = {}  # what the filter knows of a node's relevance, where known
         for step in reversed(program.steps):
             node = step.node
             incoming = relevance.pop(node, None)
+            known = support.pop(node, None)
             inputs, output = kept.pop(node, ([], None))
             if incoming is None:
                 continue
             if step.op.filtered and self.topk < 1.0:
-                incoming = relevance_filter(
-                    incoming, self.topk, self.renormalize, in_place=not self.trace_enabled
+                incoming, known = filter_with_support(
+                    incoming, self.topk, self.renormalize, in_place=not self.trace_enabled, support=known
                 )
             if step.op.keeps == "nothing":
                 inputs = [None] * len(self._arg_nodes[node])
             outgoing = step.op.propagate(incoming, inputs, output, self)
             if self.observer is not None:
                 self.observer(step, incoming, outgoing)
+            passed = self._passed_support(step, known)
             for index, (source, part) in enumerate(zip(self._arg_nodes[node], outgoing)):
                 if part is None:
                     continue
                 if self.trace_enabled and isinstance(part, torch.Tensor):
                     key = self._trace_keys[node]
                     trace[key if len(outgoing) == 1 else f"{key}[{index}]"] = part
+                first = source not in relevance
                 relevance[source] = _add(relevance.get(source), part)
+                theirs = None if first else support.pop(source, None)
+                if passed is not None and _per_sample(part, passed) and (first or theirs is not None):
+                    support[source] = passed if first else _add_supports(passed, theirs)
         return relevance.pop(program.input_node, None), trace
+
+    def _passed_support(self, step: Step, known: Support | None) -> Support | None:
+        """The support of the relevance ``step`` hands back, from its incoming relevance's support."""
+        if known is None:
+            return None
+        steps = self._steps_by_node
+        nonnegative = [n in steps and steps[n].nonnegative for n in self._arg_nodes[step.node]]
+        spread = step.op.spread(self, nonnegative)
+        if spread is None:
+            return None
+        return tuple(None if s is None else s * spread for s in known)
 
     def explain_block(self, op: Subprogram, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
         """Input relevance of a module that could only be traced for a given input shape."""

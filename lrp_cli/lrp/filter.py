@@ -18,7 +18,7 @@ One function, two ways to the same exact per-sample threshold, chosen by device:
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,13 +26,17 @@ import torch
 SAMPLE_SIZE = 16384  # entries per sample used to bound the threshold
 MIN_STRIDE = 61  # sample at most every 61st entry: the sample touches a quarter of the row's cache lines
 EXACT_BELOW = 16384  # shorter rows are sorted whole: cheap, and robust to ties
-PARALLEL_FROM = 1 << 22  # smaller layers are selected on one thread: a second one costs more than it saves
 BLOCK = 1 << 17  # entries per block of a pass: a block and its mask stay in a core's L2 cache
 
 
 def kept_count(numel: int, fraction: float) -> int:
     """How many entries a sample keeps; at least one so a small layer never goes dark."""
     return max(1, int(fraction * numel))
+
+
+Support = tuple[int | None, ...]
+"""Per sample, what is known of a relevance map: no entry is negative and at most this many are
+nonzero (None: not known). A sample with at most k such entries is one the filter cannot change."""
 
 
 def relevance_filter(
@@ -51,25 +55,52 @@ def relevance_filter(
     ``batched`` forces the algorithm (default: batched off the CPU, sampled on it); both give the same
     result, which is how the accelerator path is tested on a CPU.
     """
+    return filter_with_support(relevance, fraction, renormalize, in_place, batched=batched)[0]
+
+
+def filter_with_support(
+    relevance: torch.Tensor,
+    fraction: float,
+    renormalize: bool = False,
+    in_place: bool = False,
+    *,
+    batched: bool | None = None,
+    support: Support | None = None,
+) -> tuple[torch.Tensor, Support | None]:
+    """:func:`relevance_filter`, told and telling each sample's :data:`Support`.
+
+    Samples whose ``support`` is at most k are left as they are without being read: the filter would
+    change nothing in them. The result's support comes back (None where not known) so the engine can
+    carry it through ops that move relevance without spreading it far (a ReLU, a max pool): in VGG16 a
+    third of the filtered entries lie in maps that a pool just filled from a filtered map a quarter
+    their size. The batched path reads nothing back, so it neither uses nor reports support.
+    """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"topk fraction must be in (0, 1], got {fraction}")
     if fraction >= 1.0:
-        return relevance
+        return relevance, support
+    numel = relevance[0].numel()
+    k = kept_count(numel, fraction)
+    if k >= numel:
+        return relevance, support
+    sampled = not (batched if batched is not None else relevance.device.type != "cpu")
+    if sampled and support is not None and all(s is not None and s <= k for s in support):
+        return relevance, support
     if not in_place:
         relevance = relevance.clone(memory_format=torch.preserve_format)
     flat = sample_rows(relevance)
-    k = kept_count(flat.shape[1], fraction)
-    if k >= flat.shape[1]:
-        return relevance
     before = flat.sum(dim=1, keepdim=True) if renormalize else None
-    if batched if batched is not None else flat.device.type != "cpu":
-        _filter_batched(flat, k)
+    result: Support | None = None
+    if sampled:
+        result = _filter_sampled(flat, k, support)
     else:
-        _filter_sampled(flat, k)
+        _filter_batched(flat, k)
     if before is not None:
         after = flat.sum(dim=1, keepdim=True)
         flat.mul_(torch.where(after != 0, before / torch.where(after != 0, after, 1.0), 0.0))
-    return relevance if flat.data_ptr() == relevance.data_ptr() else flat.reshape(relevance.shape)
+        if result is not None:  # a negative total turns the kept entries negative
+            result = tuple(s if total >= 0 else None for s, total in zip(result, before.flatten().tolist()))
+    return (relevance if flat.data_ptr() == relevance.data_ptr() else flat.reshape(relevance.shape)), result
 
 
 def _filter_batched(flat: torch.Tensor, k: int) -> None:
@@ -83,125 +114,166 @@ def _filter_batched(flat: torch.Tensor, k: int) -> None:
     flat.masked_fill_(flat < threshold, 0)
 
 
-def _filter_sampled(flat: torch.Tensor, k: int) -> None:
+def _filter_sampled(flat: torch.Tensor, k: int, support: Support | None) -> Support:
     """Thresholds selected on numpy views of the rows (low precision in a float32 copy: every value
-    converts back unchanged), then zeroed below in the rows' own dtype."""
+    converts back unchanged), then zeroed below in the rows' own dtype. Rows whose support is at
+    most k are not touched."""
     rows = flat.detach()
-    values = rows.numpy() if rows.dtype in (torch.float32, torch.float64) else rows.float().numpy()
-    numel = values.shape[1]
-    if numel <= EXACT_BELOW:  # sorting, unlike introselect, is not slowed down by ties
-        kths: list[np.floating | None] = list(np.sort(values, axis=1)[:, numel - k])
+    known = support if support is not None else (None,) * len(rows)
+    todo = [i for i, s in enumerate(known) if s is None or s > k]  # not empty: see filter_with_support
+    if rows.dtype in (torch.float32, torch.float64):
+        values = rows.numpy()
+        row_values = [values[i] for i in todo]
     else:
-        kths = _select(values, k)
-    _zero_below(rows, kths)
+        row_values = [rows[i].float().numpy() for i in todo]
+    if rows.shape[1] <= EXACT_BELOW:  # sorting, unlike introselect, is not slowed down by ties
+        found = [_kth_of_sorted(row, k) for row in np.sort(np.stack(row_values), axis=1)]
+    else:
+        found = _select(row_values, k)
+    _zero_below(rows, dict(zip(todo, found)))
+    result = list(known)
+    for i, row_found in zip(todo, found):
+        result[i] = row_found.nonzeros
+    return tuple(result)
 
 
-def _select(values: np.ndarray, k: int) -> list[np.floating | None]:
-    """Every row's k-th largest value, from bounds that one sample of all rows gives at once. Rows are
-    handed out one at a time to as many threads as torch uses (numpy releases the interpreter lock
-    while it works), so a thread that starts late takes fewer."""
-    numel = values.shape[1]
+class Found(NamedTuple):
+    """What the selection found in one row."""
+
+    kth: np.floating | None  # the k-th largest value; None when no entry lies below it
+    nonzeros: int | None  # the row's support once filtered
+    spans: list[tuple[int, int]] | None = None  # where entries below kth may lie (None: anywhere)
+
+
+def _select(rows: list[np.ndarray], k: int) -> list[Found]:
+    """Every row's k-th largest value, from bounds that one sample of all rows gives at once.
+
+    One thread: numpy releases the interpreter lock while it works, but a second thread taking rows
+    gains nothing here, as each waits for the lock between the many short calls per block.
+    """
+    numel = rows[0].size
     stride = _prime_at_least(max(MIN_STRIDE, numel // SAMPLE_SIZE))
-    sample = np.sort(torch.from_numpy(values[:, ::stride]).contiguous().numpy(), axis=1)
+    sample = np.sort(np.stack([row[::stride] for row in rows]), axis=1)
     size = sample.shape[1]
     expected = k / numel * size  # the k-th largest's rank in the sample, give or take sqrt(expected)
     rank = min(size, int(expected + 4.0 * math.sqrt(expected)) + 16)
     bounds = sample[:, size - rank]  # each sample's rank-th largest
     tied = np.count_nonzero(sample == bounds[:, None], axis=1) > 1
-    kths: list[np.floating | None] = [None] * len(values)
-    order = iter(range(len(values)))
-
-    def work() -> None:
-        for i in order:
-            kths[i] = _kth_largest(values[i], k, bounds[i], bool(tied[i]))
-
-    workers = min(len(values), torch.get_num_threads()) if values.size >= PARALLEL_FROM else 1
-    if workers == 1:
-        work()
-        return kths
-    with ThreadPoolExecutor(workers - 1) as pool:
-        others = [pool.submit(work) for _ in range(workers - 1)]
-        work()
-        for other in others:
-            other.result()
-    return kths
+    # above a tied bound, are there likely k entries to gather, or likely fewer, so it is the answer?
+    gather = np.count_nonzero(sample > bounds[:, None], axis=1) >= expected
+    return [
+        _kth_largest(row, k, bound, bool(repeats), bool(keep))
+        for row, bound, repeats, keep in zip(rows, bounds, tied, gather)
+    ]
 
 
-def _kth_largest(row: np.ndarray, k: int, bound: np.floating, tied: bool) -> np.floating | None:
-    """The k-th largest entry of a row, exactly; None when no entry lies below it (nothing to zero).
+def _kth_largest(row: np.ndarray, k: int, bound: np.floating, tied: bool, gather: bool = True) -> Found:
+    """The k-th largest entry of a row, exactly, the row's support once filtered, and where in the
+    row entries below it may lie.
 
     ``bound`` lies four standard deviations below the k-th largest value's expected place in the
     row's sample. If at least k entries reach it, the k-th largest is among those few (a few % more
-    than k) and one selection over them is exact; otherwise the sample overshot and the whole row is
-    sorted. A bound that repeats in the sample (``tied``) may be a value most of the row shares (the
-    zeros after ReLUs and earlier filtering): the row is first only counted, and if fewer than k
-    entries lie above the bound but at least k reach it, it is the answer, with nothing gathered.
+    than k), gathered in one read of the row, and one selection over them is exact; otherwise the
+    sample overshot and the whole row is sorted. A bound that repeats in the sample (``tied``) may be
+    a value most of the row shares (the zeros after ReLUs and earlier filtering): the entries above it
+    are counted (and gathered too where the sample says there are likely k of them) and those below
+    it counted, and if fewer than k lie above it but at least k reach it, it is the answer.
     """
     numel = row.size
-    if tied:
-        above, below = _count(row, bound)
-        if above < k:
-            if numel - below >= k:
-                return bound if below else None
-            return np.sort(row)[numel - k]
-        values = _gather(row, bound, np.greater)
-    else:
-        values = _gather(row, bound, np.greater_equal)
-        if values.size < k:
-            return np.sort(row)[numel - k]
-    return np.partition(values, values.size - k)[values.size - k]
+    compare = np.greater if tied else np.greater_equal
+    values, passing, below, spans = _scan(row, bound, compare, gather=gather or not tied, count_below=tied)
+    if tied and passing < k <= numel - below:
+        nonzeros = (numel - below if bound > 0 else passing) if bound >= 0 else None
+        return Found(bound if below else None, nonzeros, spans)
+    if passing < k:
+        return _kth_of_sorted(np.sort(row), k)
+    if values is None:  # the sample was wrong: a second read
+        values = _scan(row, bound, compare, gather=True)[0]
+    kth = np.partition(values, values.size - k)[values.size - k]
+    return Found(kth, _kept_nonzeros(values, kth), spans)
 
 
-def _count(row: np.ndarray, bound: np.floating) -> tuple[int, int]:
-    """How many entries lie above ``bound`` and how many below it, in one read of the row: block by
-    block, each block compared again while it is still in the core's cache (and only counted below
-    when its minimum is: mostly nothing lies below a tied bound)."""
-    above = below = 0
-    mask = np.empty(min(BLOCK, row.size), dtype=bool)
-    for start in range(0, row.size, BLOCK):
-        block = row[start : start + BLOCK]
-        hits = mask[: block.size]
-        above += int(np.count_nonzero(np.greater(block, bound, out=hits)))
-        if block.min() < bound:
-            below += int(np.count_nonzero(np.less(block, bound, out=hits)))
-    return above, below
+def _kth_of_sorted(row: np.ndarray, k: int) -> Found:
+    kth = row[row.size - k]
+    return Found(kth, _kept_nonzeros(row, kth))
 
 
-def _gather(row: np.ndarray, bound: np.floating, compare: np.ufunc) -> np.ndarray:
-    """The entries for which ``compare(entry, bound)`` holds, in one read of the row, block by block.
+def _kept_nonzeros(candidates: np.ndarray, kth: np.floating) -> int | None:
+    """How many entries stay nonzero once everything below ``kth`` is zeroed, given every entry that
+    reaches ``kth``; None when kept entries may be negative."""
+    if not kth >= 0:
+        return None
+    return int(np.count_nonzero(candidates > 0 if kth == 0 else candidates >= kth))
+
+
+def _scan(
+    row: np.ndarray, bound: np.floating, compare: np.ufunc, *, gather: bool, count_below: bool = False
+) -> tuple[np.ndarray | None, int, int, list[tuple[int, int]]]:
+    """One read of the row, block by block while each block is in the core's cache: (if ``gather``)
+    the entries for which ``compare(entry, bound)`` holds, how many do, (if asked) how many lie below
+    ``bound``, and the spans of blocks that are not all zeros (only those can hold entries to zero:
+    relevance is often confined to the object, and whole stretches of a map are zeros).
+
     numpy's compress costs per entry it keeps, wherever they lie: the entries are first taken in
-    groups of eight neighbours (one uint64 of the mask) with at least one among them, then sifted."""
+    groups of eight neighbours (one uint64 of the mask) with at least one among them, then sifted.
+    Below a tied bound mostly nothing lies: a block is counted only where its minimum does."""
     parts = []
+    passing = below = 0
+    spans: list[tuple[int, int]] = []
     mask = np.empty(min(BLOCK, row.size), dtype=bool)
     grouped = row.flags.c_contiguous  # a strided row cannot be viewed as groups
+    probe = False  # after a block without hits, likely another (a stretch of background)
     for start in range(0, row.size, BLOCK):
         block = row[start : start + BLOCK]
         hits = mask[: block.size]
-        compare(block, bound, out=hits)
-        if grouped and block.size % 8 == 0:
+        # a probed block's maximum, half a comparison's cost, may show there is nothing to gather
+        high = block.max() if probe else None
+        if high is not None and high == high and not compare(high, bound):
+            count = 0
+        elif not gather:
+            compare(block, bound, out=hits)
+            count = int(np.count_nonzero(hits))
+        elif grouped and block.size % 8 == 0:
+            compare(block, bound, out=hits)
             groups = np.compress(hits.view(np.uint64) != 0, block.view(f"V{8 * block.itemsize}"))
             candidates = groups.view(block.dtype)
             parts.append(np.compress(compare(candidates, bound), candidates))
+            count = parts[-1].size
         else:
-            parts.append(np.compress(hits, block))
-    return np.concatenate(parts)
+            parts.append(np.compress(compare(block, bound, out=hits), block))
+            count = parts[-1].size
+        passing += count
+        low = block.min() if count_below or not count else None
+        if count_below and low < bound:
+            below += int(np.count_nonzero(np.less(block, bound, out=hits)))
+        if not count and high is None:
+            high = block.max()
+        if count or low or high:  # not all zeros (a NaN counts as not)
+            if spans and spans[-1][1] == start:
+                spans[-1] = (spans[-1][0], start + block.size)
+            else:
+                spans.append((start, start + block.size))
+        probe = not count
+    return (np.concatenate(parts) if gather else None), passing, below, spans
 
 
-def _zero_below(rows: torch.Tensor, kths: list[np.floating | None]) -> None:
-    """Zero the entries below each row's k-th largest value, in place and in the rows' own dtype.
-    ``threshold_`` zeroes what is at most its threshold (as +0.0, whatever it was): given the largest
-    value of the dtype below the k-th largest, that is exactly what lies below it. A k-th largest of
-    -inf has nothing below it."""
-    todo = [i for i, kth in enumerate(kths) if kth is not None and kth > -math.inf]
+def _zero_below(rows: torch.Tensor, found: dict[int, Found]) -> None:
+    """Zero the entries below each listed row's k-th largest value, in place and in the rows' own
+    dtype, within the spans where they may lie. ``threshold_`` zeroes what is at most its threshold
+    (as +0.0, whatever it was): given the largest value of the dtype below the k-th largest, that is
+    exactly what lies below it. A k-th largest of -inf has nothing below it."""
+    todo = [i for i, row in found.items() if row.kth is not None and row.kth > -math.inf]
     if not todo:
         return
     if rows.dtype in (torch.float32, torch.float64):  # the k-th largest values are of the rows' dtype
-        below = np.nextafter(np.array([kths[i] for i in todo]), -np.inf).tolist()
+        below = np.nextafter(np.array([found[i].kth for i in todo]), -np.inf).tolist()
     else:  # selected in float32, stepped down in the rows' dtype (numpy has no bfloat16)
-        kth_t = torch.tensor([float(kths[i]) for i in todo], dtype=rows.dtype)
+        kth_t = torch.tensor([float(found[i].kth) for i in todo], dtype=rows.dtype)
         below = torch.nextafter(kth_t, torch.full_like(kth_t, -math.inf)).tolist()
     for i, threshold in zip(todo, below):
-        torch.threshold_(rows[i], threshold, 0.0)
+        spans = found[i].spans
+        for start, stop in [(0, rows.shape[1])] if spans is None else spans:
+            torch.threshold_(rows[i, start:stop], threshold, 0.0)
 
 
 def _prime_at_least(n: int) -> int:

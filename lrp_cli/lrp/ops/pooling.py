@@ -47,12 +47,29 @@ class Pool(Op):
     def receives(self, index, attention):
         return index == self.source
 
+    def _mode(self, ctx: Any) -> str:
+        """The mode in force: a max pool with a window is explained as its average where ctx asks."""
+        if self.mode != "proportional" and ctx.maxpool == "average" and self.average is not None:
+            return "average"
+        return self.mode
+
+    def spread(self, ctx, nonnegative):
+        """A 2-d max pool's gradient hands each output's relevance to one entry of its window; as the
+        window's average, to the window's entries, by shares that are >= 0 when the activation is and
+        the stabiliser keeps every denominator positive."""
+        if not isinstance(self.average, WindowAverage):
+            return None
+        mode = self._mode(ctx)
+        if mode == "winner":
+            return 1
+        if mode == "average" and nonnegative[self.source] and ctx.stabilizer > 0:
+            return self.average.kernel[0] * self.average.kernel[1]
+        return None
+
     def propagate(self, relevance, inputs, output, ctx):
         a = inputs[self.source]
         before, after = [None] * self.source, [None] * (len(inputs) - self.source - 1)
-        mode = self.mode
-        if mode != "proportional" and ctx.maxpool == "average" and self.average is not None:
-            mode = "average"
+        mode = self._mode(ctx)
         if mode == "winner":
             return before + vjp(self.fn, [a], relevance.to(a.dtype)) + after
         if mode == "average" and isinstance(self.average, WindowAverage) and self.average.tiles(a):
