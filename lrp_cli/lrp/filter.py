@@ -7,12 +7,16 @@ One function, two ways to the same exact per-sample threshold, chosen by device:
   and no value is ever read back to the host, so the filter never makes the host wait for the device.
 - **sampled** (CPU): a strided sample of every row bounds its k-th largest value from below, one read
   of the row settles it (the few entries above the bound are gathered and selected among, or, when
-  the bound is a value most of the row shares, such as the zeros after ReLUs, they are only counted),
-  and one ``torch.threshold_`` per row zeroes the rest. The selection runs on numpy views: on the CPU
-  numpy's compare, compress, count and introselect are several times faster than torch's
-  nonzero/index, bool reductions and topk on rows like these, and reading a number back costs
-  nothing. The zeroing is torch's: one vectorised pass on all of torch's threads, where numpy would
-  take two. ``benchmarks/bench_filter.py`` measures what the filter costs inside the engine.
+  the bound is a value most of the row shares, such as the zeros after ReLUs, they may only be
+  counted), and ``torch.threshold_`` zeroes the rest, skipping stretches of the row that are all
+  zeros. The selection runs on numpy views: on the CPU numpy's compare, compress, count and
+  introselect are several times faster than torch's nonzero/index, bool reductions and topk on rows
+  like these, and reading a number back costs nothing. The zeroing is torch's: one vectorised pass
+  on all of torch's threads, where numpy would take two.
+
+The sampled path also takes and gives each sample's :data:`Support`, so the engine can skip samples
+the filter provably cannot change. ``benchmarks/bench_filter.py`` measures what the filter costs
+inside the engine.
 """
 
 from __future__ import annotations
@@ -71,9 +75,9 @@ def filter_with_support(
 
     Samples whose ``support`` is at most k are left as they are without being read: the filter would
     change nothing in them. The result's support comes back (None where not known) so the engine can
-    carry it through ops that move relevance without spreading it far (a ReLU, a max pool): in VGG16 a
-    third of the filtered entries lie in maps that a pool just filled from a filtered map a quarter
-    their size. The batched path reads nothing back, so it neither uses nor reports support.
+    carry it through ops that move relevance without spreading it far (a ReLU, a max pool): in VGG16
+    nearly half the entries to filter lie in maps that a pool has just filled from a filtered map a
+    quarter their size. The batched path reads nothing back, so it neither uses nor reports support.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"topk fraction must be in (0, 1], got {fraction}")
