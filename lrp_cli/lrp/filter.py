@@ -125,15 +125,20 @@ def _filter_sampled(flat: torch.Tensor, k: int, support: Support | None) -> Supp
     rows = flat.detach()
     known = support if support is not None else (None,) * len(rows)
     todo = [i for i, s in enumerate(known) if s is None or s > k]  # not empty: see filter_with_support
-    if rows.dtype in (torch.float32, torch.float64):
+    exact = rows.dtype in (torch.float32, torch.float64)
+    if exact:
         values = rows.numpy()
         row_values = [values[i] for i in todo]
     else:
         row_values = [rows[i].float().numpy() for i in todo]
-    if rows.shape[1] <= EXACT_BELOW:  # sorting, unlike introselect, is not slowed down by ties
-        found = [_kth_of_sorted(row, k) for row in np.sort(np.stack(row_values), axis=1)]
+    numel = rows.shape[1]
+    if numel <= EXACT_BELOW:  # sorting, unlike introselect, is not slowed down by ties
+        found = [_kth_of_partitioned(row, k) for row in np.sort(np.stack(row_values), axis=1)]
     else:
-        found = _select(row_values, k)
+        # one strided copy of all rows: torch's, which reads the rows on all of its threads
+        strided = rows[:, :: _prime_at_least(max(MIN_STRIDE, numel // SAMPLE_SIZE))]
+        sample = strided.contiguous() if len(todo) == len(rows) else strided[todo]
+        found = _select(row_values, k, (sample if exact else sample.float()).numpy())
     _zero_below(rows, dict(zip(todo, found)))
     result = list(known)
     for i, row_found in zip(todo, found):
@@ -149,15 +154,14 @@ class Found(NamedTuple):
     spans: list[tuple[int, int]] | None = None  # where entries below kth may lie (None: anywhere)
 
 
-def _select(rows: list[np.ndarray], k: int) -> list[Found]:
-    """Every row's k-th largest value, from bounds that one sample of all rows gives at once.
+def _select(rows: list[np.ndarray], k: int, sample: np.ndarray) -> list[Found]:
+    """Every row's k-th largest value, from bounds that the rows' ``sample`` (one row each) gives.
 
     One thread: numpy releases the interpreter lock while it works, but a second thread taking rows
     gains nothing here, as each waits for the lock between the many short calls per block.
     """
     numel = rows[0].size
-    stride = _prime_at_least(max(MIN_STRIDE, numel // SAMPLE_SIZE))
-    sample = np.sort(np.stack([row[::stride] for row in rows]), axis=1)
+    sample = np.sort(sample, axis=1)
     size = sample.shape[1]
     expected = k / numel * size  # the k-th largest's rank in the sample, give or take sqrt(expected)
     rank = min(size, int(expected + 4.0 * math.sqrt(expected)) + 16)
@@ -190,24 +194,25 @@ def _kth_largest(row: np.ndarray, k: int, bound: np.floating, tied: bool, gather
         nonzeros = (numel - below if bound > 0 else passing) if bound >= 0 else None
         return Found(bound if below else None, nonzeros, spans)
     if passing < k:
-        return _kth_of_sorted(np.sort(row), k)
+        return _kth_of_partitioned(np.sort(row), k)
     if values is None:  # the sample was wrong: a second read
         values = _scan(row, bound, compare, gather=True)[0]
-    kth = np.partition(values, values.size - k)[values.size - k]
-    return Found(kth, _kept_nonzeros(values, kth), spans)
+    return _kth_of_partitioned(np.partition(values, values.size - k), k, spans)
 
 
-def _kth_of_sorted(row: np.ndarray, k: int) -> Found:
-    kth = row[row.size - k]
-    return Found(kth, _kept_nonzeros(row, kth))
-
-
-def _kept_nonzeros(candidates: np.ndarray, kth: np.floating) -> int | None:
-    """How many entries stay nonzero once everything below ``kth`` is zeroed, given every entry that
-    reaches ``kth``; None when kept entries may be negative."""
+def _kth_of_partitioned(values: np.ndarray, k: int, spans: list[tuple[int, int]] | None = None) -> Found:
+    """The k-th largest of ``values``, partitioned there (as a sorted row is), and how many entries
+    stay nonzero once everything below it is zeroed (None when kept entries may be negative): the k
+    above the cut, and those below it tied with it; at a k-th largest of 0, the positive ones."""
+    cut = values.size - k
+    kth = values[cut]
     if not kth >= 0:
-        return None
-    return int(np.count_nonzero(candidates > 0 if kth == 0 else candidates >= kth))
+        nonzeros = None
+    elif kth == 0:
+        nonzeros = int(np.count_nonzero(values[cut:] > 0))
+    else:
+        nonzeros = k + int(np.count_nonzero(values[:cut] == kth))
+    return Found(kth, nonzeros, spans)
 
 
 def _scan(
