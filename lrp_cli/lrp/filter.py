@@ -133,7 +133,9 @@ def _filter_sampled(flat: torch.Tensor, k: int, support: Support | None) -> Supp
         row_values = [rows[i].float().numpy() for i in todo]
     numel = rows.shape[1]
     if numel <= EXACT_BELOW:  # sorting, unlike introselect, is not slowed down by ties
-        found = [_kth_of_partitioned(row, k) for row in np.sort(np.stack(row_values), axis=1)]
+        stacked = np.stack(row_values)
+        stacked.sort(axis=1)
+        found = [_kth_of_partitioned(row, k) for row in stacked]
     else:
         # one strided copy of all rows: torch's, which reads the rows on all of its threads
         strided = rows[:, :: _prime_at_least(max(MIN_STRIDE, numel // SAMPLE_SIZE))]
@@ -197,7 +199,8 @@ def _kth_largest(row: np.ndarray, k: int, bound: np.floating, tied: bool, gather
         return _kth_of_partitioned(np.sort(row), k)
     if values is None:  # the sample was wrong: a second read
         values = _scan(row, bound, compare, gather=True)[0]
-    return _kth_of_partitioned(np.partition(values, values.size - k), k, spans)
+    values.partition(values.size - k)  # in place: the gathered entries are a copy already
+    return _kth_of_partitioned(values, k, spans)
 
 
 def _kth_of_partitioned(values: np.ndarray, k: int, spans: list[tuple[int, int]] | None = None) -> Found:
