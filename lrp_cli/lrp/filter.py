@@ -234,15 +234,17 @@ def _scan(
     spans: list[tuple[int, int]] = []
     mask = np.empty(min(BLOCK, row.size), dtype=bool)
     grouped = row.flags.c_contiguous  # a strided row cannot be viewed as groups
+    bits, zero = f"u{row.itemsize}", row.dtype.type(0)
     probe = False  # after a block without hits, likely another (a stretch of background)
     for start in range(0, row.size, BLOCK):
         block = row[start : start + BLOCK]
         hits = mask[: block.size]
-        # a probed block's maximum, half a comparison's cost, may show there is nothing to gather
-        high = block.max() if probe else None
-        if high is not None and high == high and not compare(high, bound):
-            count = 0
-        elif not gather:
+        # a probed block that is all zeros (one reduction over its bits) needs nothing more
+        if probe and not compare(zero, bound) and not np.bitwise_or.reduce(block.view(bits)):
+            if count_below and zero < bound:
+                below += block.size
+            continue
+        if not gather:
             compare(block, bound, out=hits)
             count = int(np.count_nonzero(hits))
         elif grouped and block.size % 8 == 0:
@@ -255,12 +257,10 @@ def _scan(
             parts.append(np.compress(compare(block, bound, out=hits), block))
             count = parts[-1].size
         passing += count
-        low = block.min() if count_below or not count else None
-        if count_below and low < bound:
+        if count_below and block.min() < bound:
             below += int(np.count_nonzero(np.less(block, bound, out=hits)))
-        if not count and high is None:
-            high = block.max()
-        if count or low or high:  # not all zeros (a NaN counts as not)
+        # not all zeros (a -0.0 or a NaN counts as not): entries to zero may lie here
+        if count or np.bitwise_or.reduce(block.view(bits)):
             if spans and spans[-1][1] == start:
                 spans[-1] = (spans[-1][0], start + block.size)
             else:
