@@ -398,6 +398,24 @@ def test_rows_the_support_shows_unchanged_are_left_unread():
     assert support is None
 
 
+def test_measured_support_and_a_dense_start(vgg, monkeypatch):
+    """Counted support: None where an entry is negative. A softmax start (every class above zero) has
+    all its entries nonzero: the output layer is filtered, not skipped."""
+    r = torch.tensor([[0.0, 2.0, 0.0, 1.0], [0.0, -1.0, 0.0, 3.0], [0.0] * 4])
+    assert filter_module.measured_support(r) == (2, None, 0)
+    supports = []
+    inner = filter_module.filter_with_support
+
+    def recorded(relevance, *args, support=None, **kwargs):
+        supports.append(support)
+        return inner(relevance, *args, support=support, **kwargs)
+
+    monkeypatch.setattr(engine_module, "filter_with_support", recorded)
+    model, x = vgg
+    Explainer(model, "seed", 0.05)(x, target="softmax")
+    assert supports[0] == (1000, 1000)
+
+
 def test_renormalized_support_is_unknown_where_the_total_was_negative():
     """Rescaled to a negative total, the kept (positive) entries turn negative: no support."""
     r = torch.full((2, 1000), -1.0)
@@ -431,8 +449,9 @@ class _Fork(torch.nn.Module):
 def test_engine_support_is_a_true_bound_and_skipping_changes_nothing(vgg, model_name, composite, monkeypatch):
     """Every support the engine hands the filter bounds the sample's nonzero entries, none of them
     negative (carried past ReLUs and max pools, as themselves or as window averages, and added where
-    relevance meets); the heatmap is exactly the one filtered without support; and in VGG the
-    convolution after each pool is skipped (winner-takes-all pools, and the seed's window averages)."""
+    relevance meets); the heatmap is exactly the one filtered without support; the output layer is
+    skipped after a one-hot start, and in VGG the convolution after each pool (winner-takes-all pools,
+    and the seed's window averages)."""
     torch.manual_seed(0)
     model, x = vgg if model_name == "vgg11" else (_Fork().eval(), torch.randn(2, 3, 16, 16))
     inner = filter_module.filter_with_support
@@ -453,5 +472,8 @@ def test_engine_support_is_a_true_bound_and_skipping_changes_nothing(vgg, model_
     monkeypatch.setattr(engine_module, "filter_with_support", checked)
     got = Explainer(model, composite, 0.05)(x).relevance
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert len(skipped) == (5 if model_name == "vgg11" else 1)  # where support reached a filter
-    assert sum(skipped) == (5 if model_name == "vgg11" else (1 if composite != "seed" else 0))
+    # support reaches the output layer and each layer after a pool; the output layer is skipped where
+    # the start is one-hot (the seed's start is the softmax over all classes)
+    assert len(skipped) == (6 if model_name == "vgg11" else 2)
+    after_pools = 5 if model_name == "vgg11" else (1 if composite != "seed" else 0)
+    assert sum(skipped) == after_pools + (composite != "seed")

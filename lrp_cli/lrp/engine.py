@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from .composites import Composite, get_composite, resolve_composite
-from .filter import Support, filter_with_support
+from .filter import Support, filter_with_support, measured_support
 from .graph import Program, Step, build_program
 from .ops import Constant, Passthrough, ShapeOf, Subprogram, UnsupportedOperationError, Weighted
 from .patterns import Patterns, bind_patterns
@@ -419,6 +419,8 @@ class Explainer:
         }
         trace: dict[str, torch.Tensor] = {"output": start} if self.trace_enabled else {}
         support: dict[fx.Node, Support] = {}  # what the filter knows of a node's relevance, where known
+        if self.topk < 1.0 and start.device.type == "cpu":  # a one-hot start: one nonzero per sample
+            support[program.output_node.args[0]] = measured_support(start)
         for step in reversed(program.steps):
             node = step.node
             incoming = relevance.pop(node, None)

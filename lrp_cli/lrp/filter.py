@@ -43,6 +43,13 @@ Support = tuple[int | None, ...]
 nonzero (None: not known). A sample with at most k such entries is one the filter cannot change."""
 
 
+def measured_support(relevance: torch.Tensor) -> Support:
+    """Each sample's :data:`Support`, counted (a read of the tensor: for small ones, such as a start)."""
+    rows = sample_rows(relevance)
+    negative = (rows < 0).any(dim=1).tolist()
+    return tuple(None if neg else count for neg, count in zip(negative, rows.count_nonzero(dim=1).tolist()))
+
+
 def relevance_filter(
     relevance: torch.Tensor,
     fraction: float,
