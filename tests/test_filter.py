@@ -15,6 +15,7 @@ from lrp_cli.lrp import Explainer, relevance_filter
 from lrp_cli.lrp import engine as engine_module
 from lrp_cli.lrp import filter as filter_module
 from lrp_cli.lrp.filter import filter_with_support
+from lrp_cli.lrp.ops.pooling import average_window
 
 FRACTIONS = (0.01, 0.05, 0.3, 0.999)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -448,8 +449,8 @@ class _Fork(torch.nn.Module):
 @pytest.mark.parametrize("model_name", ["vgg11", "fork"])
 def test_engine_support_is_a_true_bound_and_skipping_changes_nothing(vgg, model_name, composite, monkeypatch):
     """Every support the engine hands the filter bounds the sample's nonzero entries, none of them
-    negative (carried past ReLUs and max pools, as themselves or as window averages, and added where
-    relevance meets); the heatmap is exactly the one filtered without support; the output layer is
+    negative (carried past ReLUs, average pools and max pools, as themselves or as window averages,
+    and added where relevance meets); the heatmap is exactly the one filtered without support; the output layer is
     skipped after a one-hot start, and in VGG the convolution after each pool (winner-takes-all pools,
     and the seed's window averages)."""
     torch.manual_seed(0)
@@ -472,8 +473,29 @@ def test_engine_support_is_a_true_bound_and_skipping_changes_nothing(vgg, model_
     monkeypatch.setattr(engine_module, "filter_with_support", checked)
     got = Explainer(model, composite, 0.05)(x).relevance
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    # support reaches the output layer and each layer after a pool; the output layer is skipped where
-    # the start is one-hot (the seed's start is the softmax over all classes)
-    assert len(skipped) == (6 if model_name == "vgg11" else 2)
+    # support reaches the output layer, each layer after a pool and (in VGG) the last max pool, past
+    # the average pool (here 1x1 up to 7x7: each copy of a value is kept, so it is not skipped); the
+    # output layer is skipped where the start is one-hot (the seed's start is the softmax)
+    assert len(skipped) == (7 if model_name == "vgg11" else 2)
     after_pools = 5 if model_name == "vgg11" else (1 if composite != "seed" else 0)
     assert sum(skipped) == after_pools + (composite != "seed")
+
+
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        (torch.nn.AdaptiveAvgPool2d((7, 7)), (1, 2, 7, 7)),  # VGG's, at 224x224: the identity
+        (torch.nn.AdaptiveAvgPool2d(1), (1, 2, 7, 7)),
+        (torch.nn.AdaptiveAvgPool2d((3, 7)), (1, 2, 10, 5)),  # overlapping windows; upsampling
+        (torch.nn.AdaptiveAvgPool2d((None, 2)), (1, 2, 5, 9)),
+        (torch.nn.AdaptiveAvgPool1d(3), (1, 2, 10)),
+        (torch.nn.AvgPool2d(3, stride=2, padding=1), (1, 2, 9, 9)),
+        (torch.nn.AvgPool1d(4), (1, 2, 8)),
+    ],
+)
+def test_average_window_is_the_largest_footprint(module, shape):
+    """The window the support is multiplied by is the most inputs any one output is computed from,
+    read off the pool's Jacobian."""
+    jacobian = torch.autograd.functional.jacobian(module, torch.rand(shape))
+    footprints = (jacobian.reshape(module(torch.rand(shape)).numel(), -1) != 0).sum(dim=1)
+    assert average_window(module)(torch.Size(shape)) == int(footprints.max())

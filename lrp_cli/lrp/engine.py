@@ -437,7 +437,7 @@ class Explainer:
             outgoing = step.op.propagate(incoming, inputs, output, self)
             if self.observer is not None:
                 self.observer(step, incoming, outgoing)
-            passed = self._passed_support(step, known)
+            passed = self._passed_support(step, known, inputs)
             for index, (source, part) in enumerate(zip(self._arg_nodes[node], outgoing)):
                 if part is None:
                     continue
@@ -451,13 +451,13 @@ class Explainer:
                     support[source] = passed if first else _add_supports(passed, theirs)
         return relevance.pop(program.input_node, None), trace
 
-    def _passed_support(self, step: Step, known: Support | None) -> Support | None:
+    def _passed_support(self, step: Step, known: Support | None, inputs: list[Any]) -> Support | None:
         """The support of the relevance ``step`` hands back, from its incoming relevance's support."""
         if known is None:
             return None
         steps = self._steps_by_node
         nonnegative = [n in steps and steps[n].nonnegative for n in self._arg_nodes[step.node]]
-        spread = step.op.spread(self, nonnegative)
+        spread = step.op.spread(self, nonnegative, inputs)
         if spread is None:
             return None
         return tuple(None if s is None else s * spread for s in known)

@@ -46,6 +46,7 @@ from .ops import (
     Subprogram,
     UnsupportedOperationError,
     Weighted,
+    average_window,
     pool_average_of,
 )
 from .tracing import eval_mode, trace
@@ -549,7 +550,8 @@ class ProgramBuilder:
             step.attention = step.nonnegative = True
             return step
         if isinstance(module, nn.AvgPool1d | nn.AvgPool2d | nn.AdaptiveAvgPool1d | nn.AdaptiveAvgPool2d):
-            return self._inheriting(Step(node, Pool(module.forward, "proportional"), path))
+            op = Pool(module.forward, "proportional", window=average_window(module))
+            return self._inheriting(Step(node, op, path))
         if isinstance(module, nn.Upsample):
             return self._inheriting(Step(node, Pool(module.forward, "proportional", filtered=False), path))
         if isinstance(module, nn.MaxPool2d):

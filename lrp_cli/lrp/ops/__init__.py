@@ -3,7 +3,7 @@
 from .arithmetic import Arithmetic, Product
 from .base import Constant, NoRelevance, Op, Passthrough, ShapeOf, UnsupportedOperationError, vjp
 from .normalization import Normalization, Softmax
-from .pooling import Pool, pool_average_of
+from .pooling import Pool, average_window, pool_average_of
 from .routing import Concat, GetItem, Reshape, Route
 from .subprogram import Subprogram
 from .weighted import Weighted
@@ -26,6 +26,7 @@ __all__ = [
     "Subprogram",
     "UnsupportedOperationError",
     "Weighted",
+    "average_window",
     "pool_average_of",
     "vjp",
 ]

@@ -106,11 +106,12 @@ class Op:
     def propagate(self, relevance: Any, inputs: list[Any], output: Any, ctx: Any) -> Relevances:
         raise NotImplementedError
 
-    def spread(self, ctx: Any, nonnegative: Sequence[bool]) -> int | None:
+    def spread(self, ctx: Any, nonnegative: Sequence[bool], inputs: list[Any]) -> int | None:
         """At most how many input entries one output entry's relevance reaches, for an op that hands
         non-negative relevance back non-negative (None: not so, or not known). ``nonnegative`` says
-        which inputs are known to be >= 0. It lets the engine carry the filter's support (see
-        :data:`..filter.Support`) past the op, to skip a filter that would change nothing."""
+        which inputs are known to be >= 0; ``inputs`` are what the op kept. It lets the engine carry
+        the filter's support (see :data:`..filter.Support`) past the op, to skip a filter that would
+        change nothing."""
         return None
 
 
@@ -123,7 +124,7 @@ class Passthrough(Op):
     def propagate(self, relevance, inputs, output, ctx):
         return [relevance if i == 0 else None for i, _ in enumerate(inputs)]
 
-    def spread(self, ctx, nonnegative):
+    def spread(self, ctx, nonnegative, inputs):
         return 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +31,11 @@ class Pool(Op):
         filtered: bool = True,
         linear: Callable[[torch.Tensor], torch.Tensor] | None = None,
         source: int = 0,
+        window: Callable[[torch.Size], int] | None = None,
     ) -> None:
         super().__init__(fn)
         self.source = source  # which argument is the activation
+        self.window = window  # an average pool's largest window, for an input of a given shape
         self.linear = linear  # fn without its constant term, where it has one (an affine map)
         self.mode = mode
         self.average = average
@@ -53,18 +56,18 @@ class Pool(Op):
             return "average"
         return self.mode
 
-    def spread(self, ctx, nonnegative):
-        """A 2-d max pool's gradient hands each output's relevance to one entry of its window; as the
-        window's average, to the window's entries, by shares that are >= 0 when the activation is and
-        the stabiliser keeps every denominator positive."""
-        if not isinstance(self.average, WindowAverage):
-            return None
+    def spread(self, ctx, nonnegative, inputs):
+        """A 2-d max pool's gradient hands each output's relevance to one entry of its window; an
+        average (or a max pool explained as one), to the window's entries, by shares that are >= 0
+        when the activation is and the stabiliser keeps every denominator positive."""
         mode = self._mode(ctx)
         if mode == "winner":
-            return 1
-        if mode == "average" and nonnegative[self.source] and ctx.stabilizer > 0:
+            return 1 if isinstance(self.average, WindowAverage) else None
+        if not (nonnegative[self.source] and ctx.stabilizer > 0):
+            return None
+        if mode == "average":
             return self.average.kernel[0] * self.average.kernel[1]
-        return None
+        return None if self.window is None else self.window(inputs[self.source].shape)
 
     def propagate(self, relevance, inputs, output, ctx):
         a = inputs[self.source]
@@ -137,6 +140,28 @@ def pool_average_of(module_or_kwargs: dict[str, Any]) -> WindowAverage:
         _pair(kwargs.get("padding", 0)),
         bool(kwargs.get("ceil_mode", False)),
     )
+
+
+def average_window(module: torch.nn.Module) -> Callable[[torch.Size], int]:
+    """The largest window of an (adaptive) average pool module, for an input of a given shape."""
+    if isinstance(module, torch.nn.AvgPool1d | torch.nn.AvgPool2d):
+        kernel = module.kernel_size
+        sizes = (
+            (kernel,) * (1 if isinstance(module, torch.nn.AvgPool1d) else 2)
+            if isinstance(kernel, int)
+            else kernel
+        )
+        return lambda shape: math.prod(sizes)
+    dims = 1 if isinstance(module, torch.nn.AdaptiveAvgPool1d) else 2
+    wanted = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * dims
+    return lambda shape: math.prod(
+        _adaptive_window(size, size if out is None else out) for size, out in zip(shape[-dims:], wanted)
+    )
+
+
+def _adaptive_window(size: int, out: int) -> int:
+    """Adaptive pooling's largest window along one dim: output i averages [floor(i*size/out), ceil)."""
+    return max(-((-(i + 1) * size) // out) - (i * size) // out for i in range(out))
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
