@@ -184,7 +184,7 @@ def _select(rows: list[np.ndarray], k: int, sample: np.ndarray) -> list[Found]:
     ]
 
 
-def _kth_largest(row: np.ndarray, k: int, bound: np.floating, tied: bool, gather: bool = True) -> Found:
+def _kth_largest(row: np.ndarray, k: int, bound: np.floating, tied: bool, gather: bool) -> Found:
     """The k-th largest entry of a row, exactly, the row's support once filtered, and where in the
     row entries below it may lie.
 
