@@ -197,10 +197,13 @@ class Explainer:
 
     def _assign_rules(self) -> None:
         steps = self._steps_by_node
+        # per node, which of its inputs are known to be >= 0 (a weighted layer's is its first)
+        self._nonnegative_args = {
+            node: [src in steps and steps[src].nonnegative for src in sources]
+            for node, sources in self._arg_nodes.items()
+        }
         self._nonnegative_input = {
-            id(step.op): all(
-                src in steps and steps[src].nonnegative for src in self._arg_nodes[step.node][:1]
-            )
+            id(step.op): all(self._nonnegative_args[step.node][:1])
             for step in self.program.steps
             if isinstance(step.op, Weighted)
         }
@@ -455,9 +458,7 @@ class Explainer:
         """The support of the relevance ``step`` hands back, from its incoming relevance's support."""
         if known is None:
             return None
-        steps = self._steps_by_node
-        nonnegative = [n in steps and steps[n].nonnegative for n in self._arg_nodes[step.node]]
-        spread = step.op.spread(self, nonnegative, inputs)
+        spread = step.op.spread(self, self._nonnegative_args[step.node], inputs)
         if spread is None:
             return None
         return tuple(None if s is None else s * spread for s in known)

@@ -203,7 +203,7 @@ def _kth_largest(row: np.ndarray, k: int, bound: np.floating, tied: bool, gather
         nonzeros = (numel - below if bound > 0 else passing) if bound >= 0 else None
         return Found(bound if below else None, nonzeros, spans)
     if passing < k:
-        return _kth_of_partitioned(np.sort(row), k)
+        return _kth_of_partitioned(np.sort(row), k, spans)
     if values is None:  # the sample was wrong: a second read
         values = _scan(row, bound, compare, gather=True)[0]
     values.partition(values.size - k)  # in place: the gathered entries are a copy already
@@ -247,7 +247,8 @@ def _scan(
         block = row[start : start + BLOCK]
         hits = mask[: block.size]
         # a probed block that is all zeros (one reduction over its bits) needs nothing more
-        if probe and not compare(zero, bound) and not np.bitwise_or.reduce(block.view(bits)):
+        nonzero = bool(np.bitwise_or.reduce(block.view(bits))) if probe and not compare(zero, bound) else None
+        if nonzero is False:
             if count_below and zero < bound:
                 below += block.size
             continue
@@ -267,7 +268,7 @@ def _scan(
         if count_below and block.min() < bound:
             below += int(np.count_nonzero(np.less(block, bound, out=hits)))
         # not all zeros (a -0.0 or a NaN counts as not): entries to zero may lie here
-        if count or np.bitwise_or.reduce(block.view(bits)):
+        if count or (nonzero if nonzero is not None else np.bitwise_or.reduce(block.view(bits))):
             if spans and spans[-1][1] == start:
                 spans[-1] = (spans[-1][0], start + block.size)
             else:
